@@ -1,0 +1,52 @@
+"""One small objective per method, plugged into the one loop through :class:`Objective`.
+
+An objective chooses the loss inputs from the policy's per-sequence scores, owns any state
+the method carries (BCO's running δ, KTO's batch KL), and returns ``(loss, metrics)``.
+Metrics are ``name -> (sum, count)`` pairs of 0-d tensors so that the loop can average them
+over ranks and micro-batches exactly (a metric whose global count is 0 is left out, never NaN).
+The set of names an objective returns must not depend on the batch's contents.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class Objective(Protocol):
+    needs_reference: bool
+
+    def collator(self, pad_token_id: int) -> Callable[[list[dict]], dict]:
+        """Rows of the tokenized dataset -> batch tensors."""
+
+    def compute(self, policy, batch: dict, *, train: bool) -> tuple[torch.Tensor, Metrics]:
+        """Loss of one micro-batch (mean over its examples) and its metrics."""
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state saved with checkpoints (empty if stateless)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def mean_metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-example metric as ``(sum, count)``."""
+    values = values.detach().float()
+    return values.sum(), torch.tensor(float(values.numel()), device=values.device)
+
+
+def scalar_metric(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-micro-batch scalar metric (averaged over ranks and micro-batches)."""
+    return value.detach().float(), torch.ones((), device=value.device)
+
+
+def build_objective(cfg) -> Objective:
+    """The objective named by ``cfg.method`` with its options from ``cfg``."""
+    if cfg.method == "cpo":
+        from dspref.objectives.cpo import CPOObjective
+
+        return CPOObjective(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                            simpo_gamma=cfg.simpo_gamma, cpo_alpha=cfg.cpo_alpha)
+    raise ValueError(f"method {cfg.method!r} has no objective yet")

@@ -1,0 +1,32 @@
+"""``dspref`` console script: ``dspref train [--config recipe.yaml] [--key value ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: dspref <command> [options]
+
+commands:
+  train    train a model (BCO, CPO, KTO, reward) with DeepSpeed; `dspref train --help` lists every option
+
+Multi-process runs go through a launcher, e.g.
+  deepspeed launch/train.py --ds_config ds_configs/zero3.json --config launch/configs/cpo.yaml
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from dspref.run import main as train_main
+
+        return train_main(rest)
+    print(f"dspref: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The only module that imports deepspeed.
+
+Everything else holds an :class:`Engine`: forward (per-sequence scores), backward, step,
+checkpoint save/load and a consolidated state dict for export. Process-group set-up and
+model construction (sharded at birth under ZeRO-3) live here too, because both need
+DeepSpeed's objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+log = logging.getLogger("dspref.engine")
+
+
+# --------------------------------------------------------------------------- process group
+def init_distributed() -> tuple[int, int, int]:
+    """Join (or create) the process group; returns ``(rank, local_rank, world_size)``.
+
+    Under ``deepspeed``/``torchrun`` the launcher sets RANK, WORLD_SIZE, MASTER_*; under plain
+    ``python`` we set single-process defaults first so DeepSpeed never tries MPI discovery.
+    CPU runs use gloo, CUDA runs nccl.
+    """
+    if "RANK" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    """The accelerator this rank computes on (CPU when there is none)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- model construction
+@contextmanager
+def zero3_construction(ds_config: dict):
+    """Models built inside are partitioned at construction under ZeRO-3 (never whole on a rank).
+
+    transformers' ``HfDeepSpeedConfig`` is process-wide (a weak reference): it is alive only
+    inside this block, so a later ``from_pretrained`` (export check, a stage-0 reference) is not
+    partitioned by accident.
+    """
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del hf_ds
+
+
+def load_causal_lm(path: str, *, ds_config: dict, random_init: bool, init_kwargs: dict | None,
+                   trust_remote_code: bool, seed: int) -> nn.Module:
+    """Load (or, with ``random_init``, build from ``config.json`` with seeded random weights) a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(init_kwargs or {})
+    torch.manual_seed(seed)
+    with zero3_construction(ds_config):
+        if random_init:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def prepare_model(model: nn.Module, *, gradient_checkpointing: bool, disable_dropout: bool) -> None:
+    """Training switches applied before DeepSpeed wraps the model."""
+    if disable_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
+    if gradient_checkpointing:
+        # Non-reentrant: works with ZeRO-3's partitioned parameters and with frozen inputs.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+
+# --------------------------------------------------------------------------- engine
+class Engine:
+    """A DeepSpeed training engine around a :class:`~dspref.logps.SequenceScorer`."""
+
+    def __init__(self, scorer: nn.Module, ds_config: dict, *, optimizer_factory=None, scheduler_factory=None):
+        import deepspeed
+
+        optimizer = None
+        if "optimizer" not in ds_config and optimizer_factory is not None:
+            optimizer = optimizer_factory([p for p in scorer.parameters() if p.requires_grad])
+        scheduler = None
+        if "scheduler" not in ds_config and scheduler_factory is not None:
+            scheduler = scheduler_factory
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=scorer,
+            model_parameters=[p for p in scorer.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=ds_config,
+        )
+        self.ds_config = ds_config
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    # the policy as the objective sees it: batch tensors in, per-sequence scores out
+    def __call__(self, input_ids, attention_mask, completion_mask, **kwargs):
+        dev = self.ds.device
+        return self.ds(input_ids.to(dev), attention_mask.to(dev), completion_mask.to(dev), **kwargs)
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped Hugging Face model."""
+        return self.ds.module.model
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed scales by 1/gradient_accumulation_steps itself: never divide here.
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self.ds.is_gradient_accumulation_boundary()
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            return None
+        norm = float(norm)
+        return norm if math.isfinite(norm) else None
+
+    def save(self, save_dir: str, tag: str, client_state: dict) -> None:
+        """DeepSpeed checkpoint of model, optimizer, scheduler (all ranks write their shards)."""
+        self.ds.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, load_dir: str, tag: str) -> dict:
+        path, client_state = self.ds.load_checkpoint(load_dir, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' in {load_dir}")
+        return client_state or {}
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's state dict on rank 0 (``None`` elsewhere), consolidated from ZeRO-3 shards.
+
+        Keys are the Hugging Face model's own (the scorer's ``model.`` prefix removed).
+        """
+        if self.zero_stage == 3:
+            state = self.ds._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.ds.module.state_dict() if torch.distributed.get_rank() == 0 else None
+        if state is None:
+            return None
+        return {k.removeprefix("model."): v.detach().cpu() for k, v in state.items()}
+
+    @contextmanager
+    def gathered_parameters(self):
+        """All parameters whole on every rank (for reading them, e.g. in tests); no-op below ZeRO-3."""
+        if self.zero_stage != 3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.ds.module.parameters()), modifier_rank=None):
+            yield
+
+
+@contextmanager
+def eval_mode(engine: Engine):
+    """``engine`` in eval mode without grad, back in train mode afterwards."""
+    engine.train(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        engine.train(True)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (on the backend's device), returned on the caller's device."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return t
+    dev = device()
+    out = t.to(dev)
+    torch.distributed.all_reduce(out)
+    return out.to(t.device)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return t
+    out = t.to(device())
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+    return out.to(t.device)
+
+
+__all__ = [
+    "Engine", "init_distributed", "load_causal_lm", "prepare_model", "zero3_construction",
+    "eval_mode", "barrier", "all_reduce_sum", "all_reduce_max", "device",
+]

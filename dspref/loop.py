@@ -1,0 +1,218 @@
+"""The one training loop. It never branches on the method: the objective decides the loss.
+
+Data order is a pure function of ``(seed, epoch)`` and the optimizer step, so a resumed run
+consumes exactly the micro-batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dspref import checkpoint as ckpt
+from dspref import engine as eng
+from dspref.tracking import make_progress
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopSettings:
+    """Plain values the loop needs (taken from the config by ``run.py``)."""
+
+    total_steps: int
+    micro_batches_per_epoch: int
+    gradient_accumulation_steps: int
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int
+    logging_steps: int
+    eval_steps: int | None
+    eval_on_start: bool
+    save_steps: int | None
+    save_total_limit: int | None
+    stop_after_steps: int | None
+    output_dir: str
+    seed: int
+
+
+@dataclass
+class LoopResult:
+    step: int
+    stopped_early: bool
+    last_eval: dict
+
+
+# --------------------------------------------------------------------------- batch order
+def micro_batches_per_epoch(n_rows: int, *, world_size: int, micro_batch: int, accumulation: int) -> int:
+    """Micro-batches each rank runs per epoch: whole batches, a whole number of optimizer steps."""
+    per_rank = (n_rows // world_size) // micro_batch
+    return per_rank - per_rank % accumulation
+
+
+def train_order(n_rows: int, *, epoch: int, seed: int, rank: int, world_size: int, micro_batch: int) -> list[list[int]]:
+    """This rank's micro-batches (row indices) for ``epoch``: a seeded shuffle, strided over ranks."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n_rows, generator=g)
+    usable = (n_rows // world_size) * world_size
+    mine = order[:usable][rank::world_size].tolist()
+    n = len(mine) // micro_batch
+    return [mine[i * micro_batch:(i + 1) * micro_batch] for i in range(n)]
+
+
+def eval_order(n_rows: int, *, rank: int, world_size: int, batch_size: int) -> list[tuple[list[int], bool]]:
+    """Every eval row exactly once over all ranks; each rank runs the same number of batches.
+
+    Ranks whose share runs out repeat a batch flagged ``False`` (not counted): under ZeRO-3 each
+    forward is a collective, so all ranks must make the same number of them.
+    """
+    share = math.ceil(n_rows / world_size)
+    mine = list(range(rank * share, min((rank + 1) * share, n_rows)))
+    n_batches = max(1, math.ceil(share / batch_size))
+    batches = [(mine[i * batch_size:(i + 1) * batch_size], True) for i in range(n_batches)]
+    filler = mine[:batch_size] or [0]
+    return [(rows, True) if rows else (filler, False) for rows, _ in batches]
+
+
+def fetch(dataset, indices: list[int]) -> list[dict]:
+    """Rows ``indices`` of a ``datasets.Dataset`` as a list of dicts."""
+    columns = dataset[indices]
+    keys = list(columns)
+    return [dict(zip(keys, values)) for values in zip(*(columns[k] for k in keys))]
+
+
+# --------------------------------------------------------------------------- metrics
+class MetricWindow:
+    """Per-micro-batch ``(sum, count)`` metrics until the next log, reduced in one all-reduce.
+
+    Each logged value is the mean over the window's micro-batches of that micro-batch's mean
+    over all ranks (TRL's averaging); micro-batches where a metric has no examples are skipped,
+    and a metric with none at all is left out of the row.
+    """
+
+    def __init__(self):
+        self.names: list[str] | None = None
+        self.rows: list[torch.Tensor] = []
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, metrics: dict, tokens: int) -> None:
+        entries = {"loss": (loss.detach().float(), torch.ones(())), **metrics}
+        if self.names is None:
+            self.names = list(entries)
+        vec = [x for name in self.names for x in entries[name]]
+        self.rows.append(torch.stack([v.detach().float().cpu() for v in vec]))
+        self.tokens += tokens
+
+    def reduce(self) -> tuple[dict, int, float]:
+        """``(means, global_tokens, seconds)``; resets the window."""
+        table = eng.all_reduce_sum(torch.stack(self.rows))  # (micro_batches, 2K)
+        sums, counts = table[:, 0::2], table[:, 1::2]
+        means = {}
+        for k, name in enumerate(self.names):
+            seen = counts[:, k] > 0
+            if seen.any():
+                means[name] = (sums[seen, k] / counts[seen, k]).mean().item()
+        tokens = int(eng.all_reduce_sum(torch.tensor([float(self.tokens)])).item())
+        seconds = time.perf_counter() - self.start
+        self.__init__()
+        return means, tokens, seconds
+
+
+def memory_row() -> dict:
+    """Peak accelerator memory and peak host RSS (GiB), max over ranks."""
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak = eng.all_reduce_max(torch.tensor([gpu, rss], dtype=torch.float64))
+    return {"peak_memory_gib": peak[0].item(), "peak_rss_gib": peak[1].item()}
+
+
+# --------------------------------------------------------------------------- eval
+def evaluate(engine, objective, dataset, collate, *, batch_size: int) -> dict:
+    """The eval pass with the training objective: exact means over every eval row, ``eval_`` names."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    names, totals = None, None
+    with eng.eval_mode(engine):
+        for rows, counted in eval_order(len(dataset), rank=rank, world_size=world, batch_size=batch_size):
+            loss, metrics = objective.compute(engine, collate(fetch(dataset, rows)), train=False)
+            entries = {"loss": (loss.float(), torch.ones(())), **metrics}
+            names = names or list(entries)
+            vec = torch.stack([x.detach().float().cpu() for n in names for x in entries[n]])
+            vec = vec if counted else torch.zeros_like(vec)
+            totals = vec if totals is None else totals + vec
+    totals = eng.all_reduce_sum(totals)
+    return {f"eval_{n}": (totals[2 * k] / totals[2 * k + 1]).item()
+            for k, n in enumerate(names) if totals[2 * k + 1] > 0}
+
+
+# --------------------------------------------------------------------------- train
+def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracker, *, start_step: int = 0) -> LoopResult:
+    """Run optimizer steps ``start_step+1 .. s.total_steps`` (or until ``stop_after_steps``)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    gas, per_epoch = s.gradient_accumulation_steps, s.micro_batches_per_epoch
+    step, micro = start_step, start_step * gas
+    last_eval: dict = {}
+
+    def run_eval(at_step):
+        nonlocal last_eval
+        if eval_ds is not None:
+            last_eval = evaluate(engine, objective, eval_ds, collate, batch_size=s.per_device_eval_batch_size)
+            tracker.log({"step": at_step, **last_eval})
+
+    if step == 0 and s.eval_on_start:
+        run_eval(0)
+    bar = make_progress(s.total_steps, step, enabled=rank == 0)
+    window, order, order_epoch = MetricWindow(), None, None
+    engine.train(True)
+    while step < s.total_steps:
+        epoch, index = divmod(micro, per_epoch)
+        if order_epoch != epoch:
+            order, order_epoch = train_order(len(train_ds), epoch=epoch, seed=s.seed, rank=rank, world_size=world,
+                                             micro_batch=s.per_device_train_batch_size), epoch
+        batch = collate(fetch(train_ds, order[index]))
+        loss, metrics = objective.compute(engine, batch, train=True)
+        _check_finite(loss, step + 1, s.output_dir)
+        lr = engine.lr  # the rate this step uses (the scheduler moves on inside step())
+        engine.backward(loss)
+        engine.step()
+        window.add(loss, metrics, int(batch["attention_mask"].sum()))
+        micro += 1
+        if micro % gas:
+            continue
+        step += 1
+        if bar is not None:
+            bar.update(1)
+        if step % s.logging_steps == 0 or step == s.total_steps:
+            means, tokens, seconds = window.reduce()
+            row = {"step": step, "epoch": micro / per_epoch, **means, "learning_rate": lr,
+                   "grad_norm": engine.grad_norm, "tokens_per_second": tokens / max(seconds, 1e-9), **memory_row()}
+            tracker.log({k: v for k, v in row.items() if v is not None})
+        if step == s.total_steps or (s.eval_steps and step % s.eval_steps == 0):
+            run_eval(step)
+        stop = bool(s.stop_after_steps) and step >= s.stop_after_steps and step < s.total_steps
+        if (s.save_steps and step % s.save_steps == 0) or stop:
+            state = {"step": step, "micro_batches": micro, "epoch": epoch, "objective": objective.state_dict()}
+            ckpt.save_checkpoint(engine, s.output_dir, step, state, save_total_limit=s.save_total_limit)
+        window.start = time.perf_counter()  # eval and saving are not training throughput
+        if stop:
+            break
+    if bar is not None:
+        bar.close()
+    return LoopResult(step=step, stopped_early=step < s.total_steps, last_eval=last_eval)
+
+
+def _check_finite(loss: torch.Tensor, step: int, output_dir: str) -> None:
+    """Stop every rank together, before the update, if any rank's loss is NaN/inf."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+    if eng.all_reduce_max(bad).item():
+        latest = ckpt.latest_checkpoint(output_dir)
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {step}; stopped before applying it. No checkpoint was written for "
+            f"this step; the last complete checkpoint is {latest or 'none'}. Lower the learning rate, check the "
+            f"data, or use bf16 instead of fp16."
+        )

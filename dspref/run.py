@@ -1,0 +1,355 @@
+"""The wiring of a training run, top to bottom like a recipe.
+
+1. config (YAML + CLI)           -> checked before anything heavy happens
+2. output_dir, DeepSpeed JSON    -> refused early with a one-line reason
+3. tokenizer and data            -> loaded, validated, tokenized (rank 0 first, then the cache)
+4. DeepSpeed JSON resolved       -> every "auto" filled from the config, contradictions refused
+5. model (sharded at birth)      -> DeepSpeed engine
+6. resume, loop, export, summary
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dspref import checkpoint as ckpt
+from dspref import engine as eng
+from dspref.config import ConfigError, config_to_dict, parse_args, save_config
+from dspref.data.formats import DataError
+from dspref.dsconfig import DSConfigError, load_ds_config, num_warmup_steps, resolve_ds_config
+from dspref.loop import NonFiniteLossError
+from dspref.tracking import METRICS_FILE, NullTracker, Tracker, drop_rows_after
+
+log = logging.getLogger("dspref")
+
+# Inputs a user can fix: reported as one line on stderr, exit status 2, before any model is loaded.
+USER_ERRORS = (ConfigError, DataError, DSConfigError, ckpt.CheckpointError)
+
+
+class RunError(ValueError):
+    """A problem with the run's set-up (paths, sizes) that the user must fix."""
+
+
+@dataclass
+class RunResult:
+    engine: object
+    tokenizer: object
+    step: int
+    stopped_early: bool
+    last_eval: dict
+    output_dir: str
+    seconds: float
+
+
+def main(argv: list[str]) -> int:
+    """``dspref train`` / ``launch/train.py``: returns the process exit status."""
+    try:
+        cfg, explicit = parse_args(argv)
+    except ConfigError as e:
+        print(f"dspref: error: {e}", file=sys.stderr)
+        return 2
+    rank = 0
+    try:
+        rank = eng.init_distributed()[0]
+        result = train(cfg, explicit)
+    except USER_ERRORS + (RunError,) as e:
+        if rank == 0:
+            print(f"dspref: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:  # stopped before the bad update; nothing corrupt written
+        if rank == 0:
+            print(f"dspref: error: {e}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        print_summary(result)
+    return 0
+
+
+def train(cfg, explicit: set[str]) -> RunResult:
+    """Run training as configured; every rank calls this. Returns the live engine (tests use it)."""
+    started = time.perf_counter()
+    rank, _, world = eng.init_distributed()
+    _setup_logging(rank)
+    _set_seed(cfg.seed)
+    resume_path = _prepare_output_dir(cfg, rank)
+    ds_raw = load_ds_config(cfg.ds_config) if cfg.ds_config else _missing_ds_config()
+    _check_local_path(cfg.model_name_or_path, "model_name_or_path")
+    _check_local_path(cfg.tokenizer_name_or_path, "tokenizer_name_or_path")
+    tokenizer = load_tokenizer(cfg)
+    train_ds, eval_ds = _main_process_first(rank, lambda: load_data(cfg, tokenizer))
+
+    from transformers import AutoConfig
+
+    model_config = _user_step(lambda: AutoConfig.from_pretrained(cfg.model_name_or_path,
+                                                                 trust_remote_code=cfg.trust_remote_code),
+                              f"cannot read the model config from model_name_or_path={cfg.model_name_or_path!r}")
+    hidden = getattr(model_config.get_text_config(), "hidden_size", None)
+    # First pass pulls batch sizes the JSON sets into cfg; the step count depends on them.
+    resolve_ds_config(ds_raw, cfg, explicit, world_size=world, num_training_steps=None, on_cpu=_on_cpu(), hidden_size=hidden)
+    settings = _loop_settings(cfg, len(train_ds), world)
+    ds_config = resolve_ds_config(ds_raw, cfg, explicit, world_size=world, num_training_steps=settings.total_steps,
+                                  on_cpu=_on_cpu(), hidden_size=hidden)
+    if rank == 0:
+        save_config(cfg, os.path.join(cfg.output_dir, "dspref_config.yaml"))
+        _write_json(os.path.join(cfg.output_dir, "ds_config.json"), ds_config)
+
+    from dspref.logps import SequenceScorer
+    from dspref.objectives import build_objective
+
+    model = eng.load_causal_lm(cfg.model_name_or_path, ds_config=ds_config, random_init=cfg.random_init,
+                               init_kwargs=cfg.model_init_kwargs, trust_remote_code=cfg.trust_remote_code,
+                               seed=cfg.seed)
+    eng.prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
+    engine = eng.Engine(SequenceScorer(model, cfg.logits_chunk_size), ds_config,
+                        optimizer_factory=lambda params: _adamw(cfg, params),
+                        scheduler_factory=lambda opt: _scheduler(cfg, opt, settings.total_steps))
+    objective = build_objective(cfg)
+    pad_id = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
+    collate = objective.collator(pad_id)
+
+    start_step = 0
+    if resume_path:
+        state = ckpt.load_checkpoint(engine, resume_path)
+        objective.load_state_dict(state.get("objective", {}))
+        start_step = state["step"]
+        log.info("resumed from %s at step %d", resume_path, start_step)
+    if rank == 0:
+        drop_rows_after(os.path.join(cfg.output_dir, METRICS_FILE), start_step if start_step else -1)
+    tracker = _tracker(cfg, rank)
+    from dspref.loop import train as train_loop
+
+    try:
+        result = train_loop(engine, objective, train_ds, eval_ds, collate, settings, tracker, start_step=start_step)
+        if not result.stopped_early:
+            ckpt.export_model(engine, tokenizer, cfg.output_dir)
+    finally:
+        tracker.close()
+    return RunResult(engine=engine, tokenizer=tokenizer, step=result.step, stopped_early=result.stopped_early,
+                     last_eval=result.last_eval, output_dir=cfg.output_dir, seconds=time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- set-up pieces
+def _prepare_output_dir(cfg, rank: int) -> str | None:
+    """Create ``output_dir``; refuse one that holds another run; return the checkpoint to resume."""
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create output_dir {cfg.output_dir!r}: {e.strerror}; choose another output_dir") from None
+    resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    traces = _run_traces(cfg.output_dir)
+    if traces and not cfg.resume_from_checkpoint:
+        if not cfg.overwrite_output_dir:
+            raise RunError(
+                f"output_dir {cfg.output_dir!r} already holds a run ({', '.join(traces[:3])}); pass "
+                f"--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
+                f"or choose another output_dir")
+        eng.barrier()
+        if rank == 0:
+            for name in traces:
+                path = os.path.join(cfg.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        eng.barrier()
+    if cfg.resume_from_checkpoint and not resume_path:
+        log.warning("resume_from_checkpoint=%s: no checkpoint in %s yet; starting from step 0",
+                    cfg.resume_from_checkpoint, cfg.output_dir)
+    return resume_path
+
+
+def _run_traces(output_dir: str) -> list[str]:
+    names = sorted(os.listdir(output_dir))
+    marks = {METRICS_FILE, "dspref_config.yaml", ckpt.LATEST, "model.safetensors"}
+    return [n for n in names if n in marks or n.startswith("checkpoint-")]
+
+
+def _check_local_path(path: str | None, option: str) -> None:
+    """A path that cannot be a hub id ('name' or 'org/name') must exist locally."""
+    looks_local = os.path.isabs(path or "") or (path or "").startswith((".", "~")) or (path or "").count("/") > 1
+    if path and looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise RunError(f"{option} {path!r} does not exist")
+
+
+def _missing_ds_config():
+    raise DSConfigError("no DeepSpeed config given; pass --ds_config ds_configs/zero3.json (or zero2.json)")
+
+
+def load_tokenizer(cfg):
+    """The tokenizer (local folder or hub name); EOS becomes the pad token when there is none."""
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    tokenizer = _user_step(lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code),
+                           f"cannot load the tokenizer from {path!r}")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RunError(f"the tokenizer at {path!r} has neither a pad token nor an EOS token; add one of them")
+        log.warning("tokenizer has no pad token; using its EOS token %r for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_data(cfg, tokenizer):
+    """Train and eval datasets, tokenized and validated (raises DataError with row and column)."""
+    from dspref.data.formats import load_sources
+    from dspref.data.tokenize import build_paired_datasets
+
+    if not cfg.train_file and not cfg.dataset_name:
+        raise RunError("no training data: set train_file (a path or a list of paths) or dataset_name")
+    train_sources = load_sources(cfg.train_file, cfg.dataset_name, cfg.dataset_config_name, cfg.dataset_split)
+    eval_sources = []
+    if cfg.eval_file:
+        eval_sources = load_sources(cfg.eval_file)
+    elif cfg.dataset_name and cfg.eval_dataset_split:
+        eval_sources = load_sources(None, cfg.dataset_name, cfg.dataset_config_name, cfg.eval_dataset_split)
+    chat_template = None
+    if cfg.chat_template_path:
+        with open(cfg.chat_template_path, encoding="utf-8") as f:
+            chat_template = f.read()
+    train_ds, eval_ds = build_paired_datasets(
+        train_sources, eval_sources, tokenizer, eval_split_ratio=cfg.eval_split_ratio, seed=cfg.seed,
+        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode,
+        num_proc=cfg.dataset_num_proc, chat_template=chat_template)
+    if eval_ds is not None and len(eval_ds) == 0:
+        eval_ds = None
+    return train_ds, eval_ds
+
+
+def _loop_settings(cfg, n_train: int, world: int):
+    from dspref.loop import LoopSettings, micro_batches_per_epoch
+
+    per_epoch = micro_batches_per_epoch(n_train, world_size=world, micro_batch=cfg.per_device_train_batch_size,
+                                        accumulation=cfg.gradient_accumulation_steps)
+    if per_epoch == 0:
+        need = world * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        raise RunError(f"the training set has {n_train} rows, fewer than one optimizer step needs "
+                       f"({world} ranks x per_device_train_batch_size {cfg.per_device_train_batch_size} x "
+                       f"gradient_accumulation_steps {cfg.gradient_accumulation_steps} = {need}); "
+                       f"add data or lower the batch size")
+    steps_per_epoch = per_epoch // cfg.gradient_accumulation_steps
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    return LoopSettings(
+        total_steps=total, micro_batches_per_epoch=per_epoch,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size, logging_steps=cfg.logging_steps,
+        eval_steps=cfg.eval_steps, eval_on_start=cfg.eval_on_start, save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, stop_after_steps=cfg.stop_after_steps,
+        output_dir=cfg.output_dir, seed=cfg.seed)
+
+
+def _adamw(cfg, params):
+    """Used only when the DeepSpeed JSON has no optimizer block."""
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(cfg, optimizer, total_steps: int):
+    """Used only when the DeepSpeed JSON has no scheduler block: HF's schedules, warmup linear."""
+    kind = cfg.lr_scheduler_type
+    warmup = 0 if kind == "constant" else num_warmup_steps(cfg, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _tracker(cfg, rank: int):
+    if rank != 0:
+        return NullTracker()
+    report_to = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+    return Tracker(cfg.output_dir, report_to=report_to, config=config_to_dict(cfg), run_name=cfg.run_name,
+                   project=cfg.wandb_project)
+
+
+def _main_process_first(rank: int, fn):
+    """Rank 0 runs ``fn`` first (tokenizing into the datasets cache), then the others (cache hits).
+
+    Validation errors are deterministic, so every rank raises the same one: none is left waiting.
+    """
+    error, result = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised after the barrier so the other ranks are released
+            error = e
+    eng.barrier()
+    if error is not None:
+        raise error
+    return fn() if rank != 0 else result
+
+
+def _user_step(fn, what: str):
+    """Run a loading step; turn its OSError/ValueError into a one-line RunError naming ``what``."""
+    try:
+        return fn()
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{what}: {reason}") from None
+
+
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _setup_logging(rank: int) -> None:
+    import warnings
+
+    # torch's own collectives warn about their deprecated names on every call DeepSpeed makes.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="[dspref] %(message)s", stream=sys.stdout)
+    logging.getLogger("dspref").setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    import json
+
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def print_summary(result: RunResult) -> None:
+    """The short report at the end of a run: what it reached and where everything was written."""
+    out = result.output_dir
+    lines = [f"dspref: {'stopped' if result.stopped_early else 'finished'} at step {result.step} "
+             f"in {result.seconds:.1f} s"]
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        if key in result.last_eval:
+            lines.append(f"  {key:<26} {result.last_eval[key]:.4f}")
+    if not result.stopped_early:
+        lines.append(f"  model      {out}  (AutoModelForCausalLM.from_pretrained({out!r}))")
+    else:
+        lines.append(f"  checkpoint {ckpt.latest_checkpoint(out)}  (--resume_from_checkpoint latest)")
+    lines.append(f"  metrics    {os.path.join(out, METRICS_FILE)}")
+    lines.append(f"  config     {os.path.join(out, 'dspref_config.yaml')}, {os.path.join(out, 'ds_config.json')}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,140 @@
+"""One metrics logger: ``metrics.jsonl`` + console + Weights & Biases, on rank 0 only.
+
+Other ranks hold a :class:`NullTracker`, so callers never test the rank themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+
+log = logging.getLogger("dspref")
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+
+
+class NullTracker:
+    """What non-zero ranks hold: accepts everything, does nothing."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Tracker(NullTracker):
+    """Appends each row to ``output_dir/metrics.jsonl``, prints it, and forwards it to W&B."""
+
+    def __init__(self, output_dir: str, *, report_to: list[str], config: dict, run_name: str | None,
+                 project: str, console=None):
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.console = console or (lambda line: print(line, flush=True))
+        self.wandb = None
+        if "wandb" in report_to:
+            self.wandb = _start_wandb(output_dir, config=config, run_name=run_name, project=project)
+
+    def log(self, row: dict) -> None:
+        # One line per row, flushed: a reader (or a crash) sees whole rows only.
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        self.console(format_row(row))
+        if self.wandb is not None:
+            step = row["step"]
+            self.wandb.log({_wandb_name(k): v for k, v in row.items() if k != "step"}, step=step)
+
+    def write(self, message: str) -> None:
+        self.console(message)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_name(key: str) -> str:
+    """``eval_rewards/chosen`` -> ``eval/rewards/chosen``, ``loss`` -> ``train/loss`` (TRL's panels)."""
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    return "train/" + key
+
+
+def _start_wandb(output_dir: str, *, config: dict, run_name: str | None, project: str):
+    """``wandb.init`` once, on rank 0, resuming the same run id after a restart (offline honoured)."""
+    import wandb
+
+    id_path = os.path.join(output_dir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        with open(id_path, "w", encoding="utf-8") as f:
+            f.write(run_id)
+    # The config holds paths and hyper-parameters only; keys come from the environment and are
+    # never copied into it.
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", project), name=run_name, id=run_id,
+                      resume="allow", dir=output_dir, config=config)
+
+
+def format_row(row: dict) -> str:
+    """Compact console form of a metrics row."""
+    parts = []
+    for key, value in row.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}" if math.isfinite(value) else str(value)
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Rows of a ``metrics.jsonl``; a truncated last line (a run killed mid-write) is skipped with a warning."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: skipping truncated last line %d", path, i + 1)
+                continue
+            raise ValueError(f"{path} line {i + 1} is not valid JSON") from None
+    return rows
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` without rows past ``step`` (a resumed run logs them again).
+
+    Atomic: written to a temporary file and renamed over the old one. Returns rows dropped.
+    """
+    if not os.path.exists(path):
+        return 0
+    rows = read_metrics(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in kept:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
+def make_progress(total: int, initial: int, enabled: bool):
+    """A tqdm bar on a terminal; ``None`` when stdout is not one (SLURM logs get plain lines)."""
+    if not enabled or not sys.stdout.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
