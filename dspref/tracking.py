@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import uuid
 
 log = logging.getLogger("dspref")
 
@@ -75,7 +76,7 @@ def _start_wandb(output_dir: str, *, config: dict, run_name: str | None, project
         with open(id_path, encoding="utf-8") as f:
             run_id = f.read().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
         with open(id_path, "w", encoding="utf-8") as f:
             f.write(run_id)
     # The config holds paths and hyper-parameters only; keys come from the environment and are

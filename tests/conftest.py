@@ -1,0 +1,87 @@
+"""Shared fixtures: the shipped tiny model/tokenizer, small data files, launcher helpers.
+
+Nothing here touches a model hub: the model is built from launch/demo/model/config.json with
+random weights, and the tokenizer ships in that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "launch" / "demo" / "model"
+DEMO_DATA = ROOT / "launch" / "demo" / "data"
+DS_CONFIGS = ROOT / "ds_configs"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def demo_rows(split: str, n: int) -> list[dict]:
+    lines = (DEMO_DATA / f"{split}.jsonl").read_text().splitlines()[:n]
+    return [json.loads(line) for line in lines]
+
+
+def base_args(output_dir, train_file, eval_file=None, ds_config="zero2.json", **overrides) -> list[str]:
+    """CLI args for a short CPU run on the shipped tiny model."""
+    opts = {
+        "model_name_or_path": str(DEMO_MODEL), "random_init": "true", "train_file": str(train_file),
+        "output_dir": str(output_dir), "ds_config": str(DS_CONFIGS / ds_config), "per_device_train_batch_size": "4",
+        "per_device_eval_batch_size": "8", "learning_rate": "1e-3", "max_steps": "6", "logging_steps": "1",
+        "save_steps": "1000", "max_length": "64", "max_prompt_length": "32", "seed": "7",
+    }
+    if eval_file is not None:
+        opts["eval_file"] = str(eval_file)
+    opts.update({k: str(v) for k, v in overrides.items()})
+    args = []
+    for k, v in opts.items():
+        args += [f"--{k}", v]
+    return args
+
+
+def launch(script_args: list[str], *, nprocs: int, launcher: str = "deepspeed", timeout: int = 600,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``launch/train.py`` (or another script) under a launcher with ``nprocs`` CPU ranks."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+                **(env or {})}
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port", port]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+               "--master_port", port]
+    else:
+        cmd = [sys.executable]
+    proc = subprocess.run(cmd + script_args, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """(train.jsonl with 64 demo rows, eval.jsonl with 16 rows)."""
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(d / "train.jsonl", demo_rows("train", 64)), write_jsonl(d / "eval.jsonl", demo_rows("eval", 16))
