@@ -61,8 +61,11 @@ def base_args(output_dir, train_file, eval_file=None, ds_config="zero2.json", **
 def launch(script_args: list[str], *, nprocs: int, launcher: str = "deepspeed", timeout: int = 600,
            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``launch/train.py`` (or another script) under a launcher with ``nprocs`` CPU ranks."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-                **(env or {})}
+    # In-process tests have joined a process group in this pytest process: its rendezvous
+    # variables must not leak into a child (it would reuse a port that is already taken).
+    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    full_env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    full_env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})})
     port = str(free_port())
     if launcher == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port", port]
