@@ -178,19 +178,42 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def export_model(engine, tokenizer, output_dir: str) -> None:
+def export_model(engine, tokenizer, output_dir: str, *, merge_adapter: bool = False) -> None:
     """Save the trained model in Hugging Face format (safetensors) into ``output_dir``.
 
-    Under ZeRO-3 the shards are consolidated first (every rank takes part). Files are written to a
-    temporary folder and moved in one by one, so a failed export leaves no truncated weights.
+    Under ZeRO-3 the shards are consolidated first (every rank takes part). A LoRA policy is saved
+    as its adapter (``PeftModel.from_pretrained`` loads it), or with ``merge_adapter`` as the base
+    model with the adapter merged in. Files are written to a temporary folder and moved in one by
+    one, so a failed export leaves no truncated weights.
     """
     state = engine.full_state_dict()  # collective under ZeRO-3
     if torch.distributed.get_rank() == 0:
         tmp = os.path.join(output_dir, ".tmp-export")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        model = engine.model
+        if merge_adapter and _is_peft(model):
+            merged_copy(model, state).save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
         os.rmdir(tmp)
     eng.barrier()
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def merged_copy(peft_model, state: dict):
+    """A plain (unsharded, CPU) copy of ``peft_model`` with ``state`` loaded and its adapter merged in."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    base_config = peft_model.get_base_model().config
+    lora = peft_model.peft_config[peft_model.active_adapter]
+    auto = AutoModelForSequenceClassification if lora.task_type == "SEQ_CLS" else AutoModelForCausalLM
+    fresh = get_peft_model(auto.from_config(base_config), lora, autocast_adapter_dtype=False)
+    fresh.load_state_dict(state)
+    return fresh.merge_and_unload()

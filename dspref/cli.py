@@ -8,6 +8,7 @@ USAGE = """usage: dspref <command> [options]
 
 commands:
   train    train a model (BCO, CPO, KTO, reward) with DeepSpeed; `dspref train --help` lists every option
+  score    score every row of a paired dataset with a reward model: dspref score --model DIR --data FILE
 
 Multi-process runs go through a launcher, e.g.
   deepspeed launch/train.py --ds_config ds_configs/zero3.json --config launch/configs/cpo.yaml
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         from dspref.run import main as train_main
 
         return train_main(rest)
+    if command == "score":
+        from dspref.score import main as score_main
+
+        return score_main(rest)
     print(f"dspref: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -25,7 +25,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 __all__ = [
-    "ConfigError", "TrainConfig", "CPOConfig", "METHOD_CONFIGS", "register_method", "parse_args",
+    "ConfigError", "TrainConfig", "CPOConfig", "RewardConfig", "METHOD_CONFIGS", "register_method", "parse_args",
     "config_to_dict", "save_config", "help_text", "config_reference_markdown", "main",
 ]
 
@@ -96,6 +96,13 @@ class TrainConfig:
     fp16: Optional[bool] = _opt(None, "Train in float16 with loss scaling. None: take the precision from the "
                                 "DeepSpeed JSON (\"auto\" there then means off).", "model")
     disable_dropout: bool = _opt(True, "Turn off dropout in the model(s) being trained.", "model")
+    peft_config: Optional[dict] = _opt(None, "Train a LoRA adapter instead of all weights: LoRA options for "
+                                       "peft.LoraConfig, e.g. {r: 16, lora_alpha: 32, lora_dropout: 0.05, "
+                                       "target_modules: all-linear}. The task type is set by the method.",
+                                       "model")
+    merge_peft_adapter: bool = _opt(False, "With peft_config: export the base model with the adapter merged "
+                                    "into it (a plain Hugging Face model) instead of the adapter alone.",
+                                    "model")
     logits_chunk_size: int = _opt(1024, "Completion positions per chunk when log-probs are computed from the "
                                   "last hidden states; bounds the memory taken by the logits.", "model")
 
@@ -236,6 +243,30 @@ def register_method(name: str, cls: type[TrainConfig]) -> type[TrainConfig]:
 
 
 register_method("cpo", CPOConfig)
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Reward modeling (Bradley-Terry) on paired preferences: a one-label sequence classifier."""
+
+    method: str = _opt("reward", "Training method: bco | cpo | kto | reward (only methods registered in this "
+                       "version are accepted).", "run")
+    learning_rate: float = _opt(1e-4, "Peak learning rate of the AdamW optimizer.", "training")
+    max_length: Optional[int] = _opt(1024, "Longest sequence (prompt + completion); longer pairs are dropped, "
+                                     "not truncated (as TRL's RewardTrainer). None: no limit.", "data")
+    max_prompt_length: Optional[int] = _opt(None, "Not used by reward modeling (whole sequences are scored).",
+                                            "data")
+    center_rewards_coefficient: Optional[float] = _opt(
+        None, "Weight of the auxiliary loss mean((r_chosen + r_rejected)^2) that keeps rewards centred on 0 "
+        "(Eisenstein et al., 2023; 0.01 is a common value). None: off.", "method")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
+                 f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
+
+
+register_method("reward", RewardConfig)
 
 
 # ----------------------------------------------------------------------------------------------

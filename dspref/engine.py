@@ -81,18 +81,40 @@ def zero3_construction(ds_config: dict):
         del hf_ds
 
 
-def load_causal_lm(path: str, *, ds_config: dict, random_init: bool, init_kwargs: dict | None,
-                   trust_remote_code: bool, seed: int) -> nn.Module:
-    """Load (or, with ``random_init``, build from ``config.json`` with seeded random weights) a causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+MODEL_KINDS = ("causal-lm", "sequence-classification")
 
-    kwargs = dict(init_kwargs or {})
+
+def load_model(path: str, *, kind: str, ds_config: dict, random_init: bool, init_kwargs: dict | None,
+               trust_remote_code: bool, seed: int, pad_token_id: int | None = None) -> nn.Module:
+    """Load a causal LM or a one-label sequence classifier (the reward model's head is new when
+    ``path`` holds a causal LM). With ``random_init`` build it from ``config.json`` with seeded
+    random weights. Under ZeRO-3 it is partitioned as it is built.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    # A reward model has one output; the head reads the score at the last non-pad token.
+    overrides = {"num_labels": 1, "pad_token_id": pad_token_id} if kind == "sequence-classification" else {}
     torch.manual_seed(seed)
     with zero3_construction(ds_config):
         if random_init:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
-        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
+            return auto.from_config(config, trust_remote_code=trust_remote_code, **(init_kwargs or {}))
+        return auto.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides, **(init_kwargs or {}))
+
+
+def apply_peft(model: nn.Module, peft_config: dict, *, kind: str) -> nn.Module:
+    """Wrap ``model`` with a trainable LoRA adapter (base weights frozen).
+
+    Adapters are kept in the base model's dtype (``autocast_adapter_dtype=False``): ZeRO-3's
+    all-gather fails on a mix of fp32 adapters and a bf16 base (DeepSpeed issue 8072). For a
+    sequence classifier the task type SEQ_CLS makes the score head trainable and saved.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    task_type = "CAUSAL_LM" if kind == "causal-lm" else "SEQ_CLS"
+    lora = LoraConfig(task_type=task_type, **peft_config)
+    return get_peft_model(model, lora, autocast_adapter_dtype=False)
 
 
 def prepare_model(model: nn.Module, *, gradient_checkpointing: bool, disable_dropout: bool) -> None:
@@ -133,9 +155,9 @@ class Engine:
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
     # the policy as the objective sees it: batch tensors in, per-sequence scores out
-    def __call__(self, input_ids, attention_mask, completion_mask, **kwargs):
+    def __call__(self, **tensors):
         dev = self.ds.device
-        return self.ds(input_ids.to(dev), attention_mask.to(dev), completion_mask.to(dev), **kwargs)
+        return self.ds(**{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()})
 
     @property
     def model(self) -> nn.Module:
@@ -237,6 +259,6 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "Engine", "init_distributed", "load_causal_lm", "prepare_model", "zero3_construction",
+    "Engine", "init_distributed", "load_model", "apply_peft", "prepare_model", "zero3_construction",
     "eval_mode", "barrier", "all_reduce_sum", "all_reduce_max", "device",
 ]

@@ -124,3 +124,31 @@ def _agreed_chunk_count(n_positions: int, chunk_size: int) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         count = int(t.item())
     return max(count, 1)
+
+
+class RewardScorer(nn.Module):
+    """Wraps a one-label sequence classifier: ``forward`` returns ``{"rewards": (N,) float32}``.
+
+    The score is the head's output at the last non-pad token of each sequence, found the way
+    transformers' ``*ForSequenceClassification`` heads do (the rightmost position whose id is not
+    ``config.pad_token_id``), so left and right padding give the same score. When the pad token
+    is the EOS token (a tokenizer without a pad token), the appended EOS counts as padding and the
+    score is read at the token before it, exactly as in TRL.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, 1)
+        return {"rewards": logits.squeeze(-1).float()}
+
+
+def make_scorer(model: nn.Module, kind: str, chunk_size: int) -> nn.Module:
+    """The scoring module an engine wraps: completion log-probs (causal LM) or rewards (classifier)."""
+    if kind == "causal-lm":
+        return SequenceScorer(model, chunk_size)
+    if kind == "sequence-classification":
+        return RewardScorer(model)
+    raise ValueError(f"unknown model kind {kind!r}")

@@ -64,3 +64,25 @@ def token_mean_nll(chosen_logps_sum: torch.Tensor, chosen_token_counts: torch.Te
     per-sequence means). Inputs are per-sequence sums ``(B,)`` and token counts ``(B,)``.
     """
     return -chosen_logps_sum.sum() / chosen_token_counts.sum().clamp(min=1)
+
+
+def reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> torch.Tensor:
+    """Bradley-Terry reward-model loss, per pair ``(B,)``.
+
+    ``−logσ(r_c − r_r − m)`` with an optional per-pair margin ``m`` (Llama 2, arXiv 2307.09288,
+    eq. 2), plus ``c·(r_c + r_r)²`` when a centering coefficient ``c`` is set (Eisenstein et
+    al., arXiv 2312.09244), whose batch mean is TRL's ``c·mean((r_c + r_r)²)``.
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen_rewards + rejected_rewards) ** 2
+    return losses

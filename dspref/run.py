@@ -47,6 +47,8 @@ class RunResult:
     last_eval: dict
     output_dir: str
     seconds: float
+    headline: tuple[str, ...]
+    load_hint: str
 
 
 def main(argv: list[str]) -> int:
@@ -83,14 +85,12 @@ def train(cfg, explicit: set[str]) -> RunResult:
     ds_raw = load_ds_config(cfg.ds_config) if cfg.ds_config else _missing_ds_config()
     _check_local_path(cfg.model_name_or_path, "model_name_or_path")
     _check_local_path(cfg.tokenizer_name_or_path, "tokenizer_name_or_path")
+    from dspref.objectives import build_objective
+
+    objective = build_objective(cfg)
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds = _main_process_first(rank, lambda: load_data(cfg, tokenizer))
-
-    from transformers import AutoConfig
-
-    model_config = _user_step(lambda: AutoConfig.from_pretrained(cfg.model_name_or_path,
-                                                                 trust_remote_code=cfg.trust_remote_code),
-                              f"cannot read the model config from model_name_or_path={cfg.model_name_or_path!r}")
+    train_ds, eval_ds = _main_process_first(rank, lambda: load_data(cfg, tokenizer, objective.data_kind))
+    model_config = _read_model_config(cfg, objective.model_kind)
     hidden = getattr(model_config.get_text_config(), "hidden_size", None)
     # First pass pulls batch sizes the JSON sets into cfg; the step count depends on them.
     resolve_ds_config(ds_raw, cfg, explicit, world_size=world, num_training_steps=None, on_cpu=_on_cpu(), hidden_size=hidden)
@@ -101,18 +101,18 @@ def train(cfg, explicit: set[str]) -> RunResult:
         save_config(cfg, os.path.join(cfg.output_dir, "dspref_config.yaml"))
         _write_json(os.path.join(cfg.output_dir, "ds_config.json"), ds_config)
 
-    from dspref.logps import SequenceScorer
-    from dspref.objectives import build_objective
+    from dspref.logps import make_scorer
 
-    model = eng.load_causal_lm(cfg.model_name_or_path, ds_config=ds_config, random_init=cfg.random_init,
-                               init_kwargs=cfg.model_init_kwargs, trust_remote_code=cfg.trust_remote_code,
-                               seed=cfg.seed)
+    pad_id = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
+    model = eng.load_model(cfg.model_name_or_path, kind=objective.model_kind, ds_config=ds_config,
+                           random_init=cfg.random_init, init_kwargs=cfg.model_init_kwargs,
+                           trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, pad_token_id=pad_id)
     eng.prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
-    engine = eng.Engine(SequenceScorer(model, cfg.logits_chunk_size), ds_config,
+    if cfg.peft_config:
+        model = eng.apply_peft(model, cfg.peft_config, kind=objective.model_kind)
+    engine = eng.Engine(make_scorer(model, objective.model_kind, cfg.logits_chunk_size), ds_config,
                         optimizer_factory=lambda params: _adamw(cfg, params),
                         scheduler_factory=lambda opt: _scheduler(cfg, opt, settings.total_steps))
-    objective = build_objective(cfg)
-    pad_id = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
     collate = objective.collator(pad_id)
 
     start_step = 0
@@ -129,11 +129,12 @@ def train(cfg, explicit: set[str]) -> RunResult:
     try:
         result = train_loop(engine, objective, train_ds, eval_ds, collate, settings, tracker, start_step=start_step)
         if not result.stopped_early:
-            ckpt.export_model(engine, tokenizer, cfg.output_dir)
+            ckpt.export_model(engine, tokenizer, cfg.output_dir, merge_adapter=cfg.merge_peft_adapter)
     finally:
         tracker.close()
     return RunResult(engine=engine, tokenizer=tokenizer, step=result.step, stopped_early=result.stopped_early,
-                     last_eval=result.last_eval, output_dir=cfg.output_dir, seconds=time.perf_counter() - started)
+                     last_eval=result.last_eval, output_dir=cfg.output_dir, seconds=time.perf_counter() - started,
+                     headline=objective.headline_metrics, load_hint=_load_hint(cfg, objective.model_kind))
 
 
 # --------------------------------------------------------------------------- set-up pieces
@@ -195,10 +196,13 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def load_data(cfg, tokenizer):
-    """Train and eval datasets, tokenized and validated (raises DataError with row and column)."""
+def load_data(cfg, tokenizer, data_kind: str):
+    """Train and eval datasets, tokenized and validated (raises DataError with row and column).
+
+    ``data_kind`` comes from the objective: ``paired`` (prompt + completions, truncated) or
+    ``reward`` (whole sequences; rows longer than max_length dropped, as TRL's RewardTrainer).
+    """
     from dspref.data.formats import load_sources
-    from dspref.data.tokenize import build_paired_datasets
 
     if not cfg.train_file and not cfg.dataset_name:
         raise RunError("no training data: set train_file (a path or a list of paths) or dataset_name")
@@ -212,14 +216,36 @@ def load_data(cfg, tokenizer):
     if cfg.chat_template_path:
         with open(cfg.chat_template_path, encoding="utf-8") as f:
             chat_template = f.read()
-    train_ds, eval_ds = build_paired_datasets(
-        train_sources, eval_sources, tokenizer, eval_split_ratio=cfg.eval_split_ratio, seed=cfg.seed,
-        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-        max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode,
-        num_proc=cfg.dataset_num_proc, chat_template=chat_template)
+    common = dict(eval_split_ratio=cfg.eval_split_ratio, seed=cfg.seed, max_length=cfg.max_length,
+                  num_proc=cfg.dataset_num_proc, chat_template=chat_template)
+    if data_kind == "reward":
+        from dspref.data.reward import build_reward_datasets
+
+        train_ds, eval_ds = build_reward_datasets(train_sources, eval_sources, tokenizer, **common)
+    else:
+        from dspref.data.tokenize import build_paired_datasets
+
+        train_ds, eval_ds = build_paired_datasets(
+            train_sources, eval_sources, tokenizer, max_prompt_length=cfg.max_prompt_length,
+            max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode, **common)
     if eval_ds is not None and len(eval_ds) == 0:
         eval_ds = None
     return train_ds, eval_ds
+
+
+def _read_model_config(cfg, model_kind: str):
+    """The model's config (checks the path before any weights load); a reward model needs one label."""
+    from transformers import AutoConfig
+
+    config = _user_step(lambda: AutoConfig.from_pretrained(cfg.model_name_or_path,
+                                                           trust_remote_code=cfg.trust_remote_code),
+                        f"cannot read the model config from model_name_or_path={cfg.model_name_or_path!r}")
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if model_kind == "sequence-classification" and is_classifier and config.num_labels != 1:
+        raise RunError(f"model_name_or_path {cfg.model_name_or_path!r} is a sequence classifier with "
+                       f"{config.num_labels} labels; a reward model has exactly one. Start from a base or "
+                       f"instruction model (a new one-label head is added) or from a one-label reward model")
+    return config
 
 
 def _loop_settings(cfg, n_train: int, world: int):
@@ -325,7 +351,7 @@ def _setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="[dspref] %(message)s", stream=sys.stdout)
     logging.getLogger("dspref").setLevel(level)
-    for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers"):
+    for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -338,16 +364,25 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _load_hint(cfg, model_kind: str) -> str:
+    """How a user loads what this run exports."""
+    auto = "AutoModelForCausalLM" if model_kind == "causal-lm" else "AutoModelForSequenceClassification"
+    out = cfg.output_dir
+    if cfg.peft_config and not cfg.merge_peft_adapter:
+        return f"LoRA adapter: PeftModel.from_pretrained({auto}.from_pretrained({cfg.model_name_or_path!r}), {out!r})"
+    return f"{auto}.from_pretrained({out!r})"
+
+
 def print_summary(result: RunResult) -> None:
     """The short report at the end of a run: what it reached and where everything was written."""
     out = result.output_dir
     lines = [f"dspref: {'stopped' if result.stopped_early else 'finished'} at step {result.step} "
              f"in {result.seconds:.1f} s"]
-    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+    for key in ("eval_loss",) + tuple(f"eval_{name}" for name in result.headline):
         if key in result.last_eval:
             lines.append(f"  {key:<26} {result.last_eval[key]:.4f}")
     if not result.stopped_early:
-        lines.append(f"  model      {out}  (AutoModelForCausalLM.from_pretrained({out!r}))")
+        lines.append(f"  model      {out}  ({result.load_hint})")
     else:
         lines.append(f"  checkpoint {ckpt.latest_checkpoint(out)}  (--resume_from_checkpoint latest)")
     lines.append(f"  metrics    {os.path.join(out, METRICS_FILE)}")

@@ -88,3 +88,16 @@ def small_data(tmp_path_factory):
     """(train.jsonl with 64 demo rows, eval.jsonl with 16 rows)."""
     d = tmp_path_factory.mktemp("data")
     return write_jsonl(d / "train.jsonl", demo_rows("train", 64)), write_jsonl(d / "eval.jsonl", demo_rows("eval", 16))
+
+
+@pytest.fixture(scope="session")
+def saved_base(tmp_path_factory):
+    """The demo's tiny Llama with random (seeded) weights saved as a real model folder (+ tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("base") / "model"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(DEMO_MODEL)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(path)
+    return path

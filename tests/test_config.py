@@ -31,6 +31,7 @@ EXPECTED_DEFAULTS = {
     "stop_after_steps": None, "seed": 42, "report_to": ["none"], "run_name": None, "wandb_project": "dspref",
     "gradient_checkpointing": False, "bf16": None, "fp16": None, "disable_dropout": True,
     "generate_during_eval": False, "logits_chunk_size": 1024, "local_rank": -1,
+    "peft_config": None, "merge_peft_adapter": False,
     "beta": 0.1, "label_smoothing": 0.0, "loss_type": "sigmoid", "cpo_alpha": 1.0, "simpo_gamma": 0.5,
 }
 
@@ -107,8 +108,12 @@ def test_method_from_yaml_and_cli(tmp_path):
     recipe = write(tmp_path, "r.yaml", "method: cpo\nmodel_name_or_path: x\n")
     cfg, explicit = parse_args(["--config", recipe])
     assert cfg.method == "cpo" and "method" in explicit
-    assert error_of(M + ["--method", "reward"]) == "unknown method 'reward'; registered methods: cpo"
-    assert error_of(M + ["--method", "cpp"]) == "unknown method 'cpp'; registered methods: cpo; did you mean 'cpo'?"
+    assert error_of(M + ["--method", "kto"]) == "unknown method 'kto'; registered methods: cpo, reward"
+    assert error_of(M + ["--method", "cpp"]) == (
+        "unknown method 'cpp'; registered methods: cpo, reward; did you mean 'cpo'?")
+    cfg, _ = parse_args(M + ["--method", "reward", "--center_rewards_coefficient", "0.01"])
+    assert type(cfg).__name__ == "RewardConfig" and cfg.learning_rate == 1e-4
+    assert cfg.center_rewards_coefficient == 0.01
 
 
 def test_yaml_pyyaml_float_quirk_and_hyphen_keys(tmp_path):

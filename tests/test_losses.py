@@ -70,3 +70,20 @@ def test_token_mean_nll_is_token_weighted():
     # sums −6 over 3 tokens and −2 over 1 token: token mean = 8/4 = 2 (a mean of sequence means would be 2.0 too;
     # use unequal per-token values: −9 over 3 tokens, −1 over 1 -> 10/4 = 2.5, sequence-mean would be 2.0)
     assert token_mean_nll(torch.tensor([-9.0, -1.0]), torch.tensor([3, 1])).item() == pytest.approx(2.5)
+
+
+def test_reward_loss_plain_margin_and_centering():
+    from dspref.losses import reward_loss
+
+    rc, rr = torch.tensor([1.0, -0.5], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    # −logσ(0.5) = log(1 + e^{−0.5}) = 0.474076984 ; −logσ(−1) = log(1 + e) = 1.313261687
+    assert reward_loss(rc, rr).tolist() == pytest.approx([0.4740769842, 1.3132616875], abs=1e-9)
+    # margin m = [1, 0]: −logσ(0.5 − 1) = log(1 + e^{0.5}) = 0.974076984
+    m = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    assert reward_loss(rc, rr, margin=m).tolist() == pytest.approx([0.9740769842, 1.3132616875], abs=1e-9)
+    # centering c = 0.01: + 0.01·(1.5)² = 0.0225 ; + 0.01·0² = 0
+    out = reward_loss(rc, rr, center_rewards_coefficient=0.01)
+    assert out.tolist() == pytest.approx([0.4740769842 + 0.0225, 1.3132616875], abs=1e-9)
+    # TRL's form: mean(−logσ(Δ)) + c·mean((r_c + r_r)²) equals the mean of the per-pair losses
+    trl = (0.4740769842 + 1.3132616875) / 2 + 0.01 * (1.5 ** 2 + 0.0) / 2
+    assert out.mean().item() == pytest.approx(trl, abs=1e-9)

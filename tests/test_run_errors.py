@@ -22,7 +22,7 @@ def no_model_load(monkeypatch):
     """Fail the test if a model is constructed: input errors must come first."""
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the input error was reported")
-    monkeypatch.setattr(eng, "load_causal_lm", boom)
+    monkeypatch.setattr(eng, "load_model", boom)
 
 
 def run_main(args, capsys):

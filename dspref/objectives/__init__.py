@@ -18,6 +18,9 @@ Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 class Objective(Protocol):
     needs_reference: bool
+    model_kind: str  # "causal-lm" or "sequence-classification": which model and scorer the run builds
+    data_kind: str  # "paired" or "reward": which dataset builder prepares the rows
+    headline_metrics: tuple[str, ...]  # the metrics a run's summary leads with
 
     def collator(self, pad_token_id: int) -> Callable[[list[dict]], dict]:
         """Rows of the tokenized dataset -> batch tensors."""
@@ -49,4 +52,8 @@ def build_objective(cfg) -> Objective:
 
         return CPOObjective(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
                             simpo_gamma=cfg.simpo_gamma, cpo_alpha=cfg.cpo_alpha)
+    if cfg.method == "reward":
+        from dspref.objectives.reward import RewardObjective
+
+        return RewardObjective(center_rewards_coefficient=cfg.center_rewards_coefficient)
     raise ValueError(f"method {cfg.method!r} has no objective yet")

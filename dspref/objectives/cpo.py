@@ -15,6 +15,9 @@ class CPOObjective:
     """``mean_B(L_pref) + cpo_alpha · NLL(chosen)`` from one forward over [chosen; rejected]."""
 
     needs_reference = False
+    headline_metrics = ("rewards/accuracies", "rewards/margins")  # shown in the end-of-run summary
+    model_kind = "causal-lm"
+    data_kind = "paired"
 
     def __init__(self, *, beta: float, loss_type: str, label_smoothing: float, simpo_gamma: float,
                  cpo_alpha: float):
@@ -30,7 +33,8 @@ class CPOObjective:
         return PairedCollator(pad_token_id)
 
     def compute(self, policy, batch: dict, *, train: bool) -> tuple[torch.Tensor, Metrics]:
-        scores = policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        scores = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        completion_mask=batch["completion_mask"])
         logps, counts = scores["logps"], scores["token_counts"]  # (2B,), (2B,)
         if self.loss_type in _AVERAGED:
             pi = logps / counts.clamp(min=1)

@@ -30,6 +30,22 @@ def rank_batch(rank, vocab):
     return ids, attn, comp
 
 
+def reload_exported(cfg, reward):
+    """The exported model as a user loads it: a full model folder, or base + LoRA adapter."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    if os.path.exists(os.path.join(cfg.output_dir, "adapter_config.json")):
+        from peft import PeftModel
+
+        pad = AutoTokenizer.from_pretrained(cfg.output_dir).pad_token_id
+        base = auto.from_pretrained(cfg.model_name_or_path, **({"num_labels": 1, "pad_token_id": pad} if reward else {}))
+        return PeftModel.from_pretrained(base, cfg.output_dir).float().eval()
+    return auto.from_pretrained(cfg.output_dir).float().eval()
+
+
 def main():
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher puts it first
     out_path, argv = argv[0], argv[1:]
@@ -44,26 +60,28 @@ def main():
     vocab = model.config.vocab_size
     report = {"step": result.step, "stopped_early": result.stopped_early}
 
-    ids, attn, comp = rank_batch(rank, vocab)
+    reward = cfg.method == "reward"
     with torch.no_grad():
         engine.train(False)
-        chunked = engine(ids, attn, comp)["logps"]
-        naive = naive_logps(model, ids, attn, comp)
-        diff = torch.tensor([(chunked - naive).abs().max().item()])
-        torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
-        report["chunked_vs_naive_max_abs"] = diff.item()
-        report["chunked_logps_rank0"] = chunked.tolist() if rank == 0 else None
+        if not reward:
+            ids, attn, comp = rank_batch(rank, vocab)
+            chunked = engine(input_ids=ids, attention_mask=attn, completion_mask=comp)["logps"]
+            naive = naive_logps(model, ids, attn, comp)
+            diff = torch.tensor([(chunked - naive).abs().max().item()])
+            torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+            report["chunked_vs_naive_max_abs"] = diff.item()
 
         if not result.stopped_early:
             probe = torch.arange(4, 4 + 24).remainder(vocab).reshape(2, 12)
-            engine_logits = model(input_ids=probe, use_cache=False).logits.float()
+            if reward:
+                trained = engine(input_ids=probe, attention_mask=torch.ones_like(probe))["rewards"]
+            else:
+                trained = model(input_ids=probe, use_cache=False).logits.float()
             if rank == 0:
-                from transformers import AutoModelForCausalLM
-
-                reloaded = AutoModelForCausalLM.from_pretrained(cfg.output_dir).float().eval()
-                reload_logits = reloaded(input_ids=probe, use_cache=False).logits.float()
-                report["export_max_abs_diff"] = (engine_logits - reload_logits).abs().max().item()
-                report["export_logits_shape"] = list(reload_logits.shape)
+                reloaded = reload_exported(cfg, reward)(input_ids=probe, use_cache=False).logits.float()
+                reloaded = reloaded.squeeze(-1) if reward else reloaded
+                report["export_max_abs_diff"] = (trained - reloaded).abs().max().item()
+                report["export_logits_shape"] = list(reloaded.shape)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(report, f)

@@ -1,0 +1,47 @@
+"""Reward modeling: a Bradley-Terry loss on a one-label sequence classifier (TRL's RewardTrainer)."""
+
+from __future__ import annotations
+
+import torch
+
+from dspref.losses import reward_loss
+from dspref.objectives import Metrics, mean_metric
+
+
+class RewardObjective:
+    """``mean_B(−logσ(r_c − r_r − margin)) [+ c·mean_B((r_c + r_r)²)]`` from one forward over [chosen; rejected]."""
+
+    needs_reference = False
+    headline_metrics = ("accuracy", "margin")  # shown in the end-of-run summary
+    model_kind = "sequence-classification"
+    data_kind = "reward"
+
+    def __init__(self, *, center_rewards_coefficient: float | None):
+        self.center_rewards_coefficient = center_rewards_coefficient
+
+    def collator(self, pad_token_id: int):
+        from dspref.data.reward import RewardCollator
+
+        return RewardCollator(pad_token_id)
+
+    def compute(self, policy, batch: dict, *, train: bool) -> tuple[torch.Tensor, Metrics]:
+        rewards = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["rewards"]  # (2B,)
+        chosen, rejected = rewards.chunk(2)  # (B,) each: the collator stacks [chosen; rejected]
+        margin = batch.get("margin")
+        if margin is not None:
+            margin = margin.to(chosen.device, chosen.dtype)
+        losses = reward_loss(chosen, rejected, margin=margin,
+                             center_rewards_coefficient=self.center_rewards_coefficient)
+        metrics = {
+            "accuracy": mean_metric((chosen > rejected).float()),
+            "margin": mean_metric(chosen - rejected),  # the margin column is not subtracted (as TRL)
+            "rewards/chosen": mean_metric(chosen),
+            "rewards/rejected": mean_metric(rejected),
+        }
+        return losses.mean(), metrics
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
