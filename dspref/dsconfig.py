@@ -435,3 +435,46 @@ def _refuse_leftover_auto(ds: dict, source: str, pending: tuple[str, ...] = ()) 
                       if p.rsplit(".", 1)[-1] in HIDDEN_SIZE_KEYS else "") for p in paths]
     raise DSConfigError(f"\"auto\" that dspref cannot fill in {source} at {'; '.join(described)}; "
                         "set a concrete value")
+
+
+# --------------------------------------------------------------------------- reference engine
+# Keys a ZeRO-3 inference engine keeps from the policy's block; optimizer offload and
+# gradient-only settings mean nothing without an optimizer.
+_REF_ZERO3_KEYS = ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+                   "stage3_max_reuse_distance", "reduce_bucket_size", "sub_group_size")
+
+
+def reference_ds_config(policy_ds: dict, *, ref_ds: Optional[dict] = None, ref_source: str = "ref_ds_config",
+                        zero_stage_override: Optional[int] = None, offload: bool = False) -> dict:
+    """The DeepSpeed config of the reference's inference engine (no optimizer, no scheduler).
+
+    From ``ref_ds`` (the user's ``ref_ds_config``) when given, else derived from the resolved
+    policy config: a ZeRO-3 policy gets a ZeRO-3 reference (sharded), a ZeRO-0/1/2 policy a stage-0
+    one (DeepSpeed refuses stages 1 and 2 without an optimizer); ``zero_stage_override`` (0 or 3)
+    and ``offload`` (parameters in CPU memory, which implies ZeRO-3) change that. Batch sizes and
+    precision always follow the policy, so both engines see the same micro-batches.
+    """
+    keep = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16",
+            "steps_per_print", "wall_clock_breakdown")
+    out = {k: copy.deepcopy(policy_ds[k]) for k in keep if k in policy_ds}
+    if ref_ds is not None:
+        user = copy.deepcopy(ref_ds)
+        user.pop("optimizer", None)
+        user.pop("scheduler", None)
+        _refuse_leftover_auto(user, ref_source)
+        stage = zero_stage(user)
+        if stage in (1, 2):
+            raise DSConfigError(f"zero_optimization.stage={stage} in {ref_source}: DeepSpeed needs an optimizer for "
+                                f"stages 1 and 2; a reference engine has none. Use stage 0 or 3")
+        return {**user, **{k: v for k, v in out.items() if k not in user}}
+    policy_zero = policy_ds.get("zero_optimization", {})
+    stage = zero_stage_override if zero_stage_override is not None else (3 if zero_stage(policy_ds) == 3 else 0)
+    if offload:
+        stage = 3
+    zero: dict = {"stage": stage}
+    if stage == 3:
+        zero.update({k: policy_zero[k] for k in _REF_ZERO3_KEYS if k in policy_zero})
+        if offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    out["zero_optimization"] = zero
+    return out

@@ -224,6 +224,47 @@ class Engine:
             yield
 
 
+class InferenceEngine:
+    """A DeepSpeed engine without an optimizer: the reference model, frozen, in eval mode.
+
+    Stage 3 shards its parameters (optionally offloaded to CPU memory); stage 0 keeps a whole copy
+    per rank. Every call runs under ``torch.no_grad``.
+    """
+
+    def __init__(self, scorer: nn.Module, ds_config: dict):
+        import deepspeed
+
+        for p in scorer.parameters():
+            p.requires_grad_(False)
+        self.ds = deepspeed.initialize(model=scorer, config=ds_config)[0]
+        self.ds.eval()
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def __call__(self, **tensors):
+        dev = self.ds.device
+        with torch.no_grad():
+            return self.ds(**{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()})
+
+
+def copy_parameters(src: nn.Module, dst: nn.Module) -> None:
+    """Copy ``src``'s parameters into ``dst`` (same architecture), either of them ZeRO-3 partitioned.
+
+    One parameter at a time, so at most one whole tensor exists at once. Used to give a reference
+    the policy's exact initial weights when they come from ``random_init`` (a ZeRO-3 and a plain
+    construction draw their random numbers differently).
+    """
+    import deepspeed
+
+    rank = torch.distributed.get_rank()
+    for (name, p_src), (_, p_dst) in zip(src.named_parameters(), dst.named_parameters(), strict=True):
+        partitioned = hasattr(p_dst, "ds_id")
+        with deepspeed.zero.GatheredParameters([p_src], modifier_rank=None), \
+                deepspeed.zero.GatheredParameters([p_dst], modifier_rank=0 if partitioned else None):
+            if not partitioned or rank == 0:  # a partitioned one is broadcast from rank 0 on exit
+                with torch.no_grad():
+                    p_dst.data.copy_(p_src.data.to(p_dst.dtype))
+
+
 @contextmanager
 def eval_mode(engine: Engine):
     """``engine`` in eval mode without grad, back in train mode afterwards."""
@@ -259,6 +300,6 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "Engine", "init_distributed", "load_model", "apply_peft", "prepare_model", "zero3_construction",
+    "Engine", "InferenceEngine", "copy_parameters", "init_distributed", "load_model", "apply_peft", "prepare_model", "zero3_construction",
     "eval_mode", "barrier", "all_reduce_sum", "all_reduce_max", "device",
 ]

@@ -90,12 +90,15 @@ def fetch(dataset, indices: list[int]) -> list[dict]:
 class MetricWindow:
     """Per-micro-batch ``(sum, count)`` metrics until the next log, reduced in one all-reduce.
 
-    Each logged value is the mean over the window's micro-batches of that micro-batch's mean
-    over all ranks (TRL's averaging); micro-batches where a metric has no examples are skipped,
-    and a metric with none at all is left out of the row.
+    By default a logged value is the mean over the window's micro-batches of that micro-batch's
+    mean over all ranks (TRL's averaging). An objective may name metrics to reduce otherwise
+    (``metric_reductions``): ``"pooled"`` = Σ sums / Σ counts over ranks and micro-batches (a
+    per-class mean weighted by count), ``"total"`` = Σ sums. A metric with nothing to average is
+    left out of the row, never NaN.
     """
 
-    def __init__(self):
+    def __init__(self, reductions: dict | None = None):
+        self.reductions = reductions or {}
         self.names: list[str] | None = None
         self.rows: list[torch.Tensor] = []
         self.tokens = 0
@@ -112,16 +115,37 @@ class MetricWindow:
     def reduce(self) -> tuple[dict, int, float]:
         """``(means, global_tokens, seconds)``; resets the window."""
         table = eng.all_reduce_sum(torch.stack(self.rows))  # (micro_batches, 2K)
-        sums, counts = table[:, 0::2], table[:, 1::2]
-        means = {}
-        for k, name in enumerate(self.names):
-            seen = counts[:, k] > 0
-            if seen.any():
-                means[name] = (sums[seen, k] / counts[seen, k]).mean().item()
+        means = reduce_table(self.names, table, self.reductions)
         tokens = int(eng.all_reduce_sum(torch.tensor([float(self.tokens)])).item())
         seconds = time.perf_counter() - self.start
-        self.__init__()
+        self.__init__(self.reductions)
         return means, tokens, seconds
+
+
+def reduce_table(names: list[str], table: torch.Tensor, reductions: dict) -> dict:
+    """Rows of ``[sum_k, count_k, ...]`` (one per micro-batch, already summed over ranks) -> values."""
+    sums, counts = table[:, 0::2], table[:, 1::2]
+    out = {}
+    for k, name in enumerate(names):
+        how = reductions.get(name, "step_mean")
+        seen = counts[:, k] > 0
+        if how == "total":
+            out[name] = sums[:, k].sum().item()
+        elif not seen.any():
+            continue
+        elif how == "pooled":
+            out[name] = (sums[:, k].sum() / counts[:, k].sum()).item()
+        else:
+            out[name] = (sums[seen, k] / counts[seen, k]).mean().item()
+    return out
+
+
+def add_derived(values: dict, derived: dict, prefix: str = "") -> dict:
+    """``name -> (a, b)``: ``values[name] = values[a] − values[b]`` when both are present."""
+    for name, (a, b) in derived.items():
+        if prefix + a in values and prefix + b in values:
+            values[prefix + name] = values[prefix + a] - values[prefix + b]
+    return values
 
 
 def memory_row() -> dict:
@@ -146,8 +170,13 @@ def evaluate(engine, objective, dataset, collate, *, batch_size: int) -> dict:
             vec = vec if counted else torch.zeros_like(vec)
             totals = vec if totals is None else totals + vec
     totals = eng.all_reduce_sum(totals)
-    return {f"eval_{n}": (totals[2 * k] / totals[2 * k + 1]).item()
-            for k, n in enumerate(names) if totals[2 * k + 1] > 0}
+    values = reduce_table(names, totals.unsqueeze(0), {n: "pooled" for n in names} | _totals(objective))
+    values = add_derived(values, objective.derived_metrics)
+    return {f"eval_{n}": v for n, v in values.items()}
+
+
+def _totals(objective) -> dict:
+    return {n: how for n, how in objective.metric_reductions.items() if how == "total"}
 
 
 # --------------------------------------------------------------------------- train
@@ -167,7 +196,7 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
     if step == 0 and s.eval_on_start:
         run_eval(0)
     bar = make_progress(s.total_steps, step, enabled=rank == 0)
-    window, order, order_epoch = MetricWindow(), None, None
+    window, order, order_epoch = MetricWindow(objective.metric_reductions), None, None
     engine.train(True)
     while step < s.total_steps:
         epoch, index = divmod(micro, per_epoch)
@@ -189,6 +218,7 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
             bar.update(1)
         if step % s.logging_steps == 0 or step == s.total_steps:
             means, tokens, seconds = window.reduce()
+            means = add_derived(means, objective.derived_metrics)
             row = {"step": step, "epoch": micro / per_epoch, **means, "learning_rate": lr,
                    "grad_norm": engine.grad_norm, "tokens_per_second": tokens / max(seconds, 1e-9), **memory_row()}
             tracker.log({k: v for k, v in row.items() if v is not None})

@@ -86,3 +86,94 @@ def reward_loss(
     if center_rewards_coefficient:
         losses = losses + center_rewards_coefficient * (chosen_rewards + rejected_rewards) ** 2
     return losses
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    kl: torch.Tensor | float | None,
+    beta: float,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpaired KTO loss (arXiv 2402.01306 eq. 7) and unpaired APO-zero (arXiv 2408.06266 eq. 7).
+
+    With ``r = LP_θ(y|x) − LP_ref(y|x)`` (summed completion log-probs) and the reference point
+    ``z0 = kl`` (the caller's clamped, rank-averaged, detached KL estimate), per row:
+
+    - kto, desirable:                 ``1 − σ(β(r − z0))``
+    - kto, undesirable:               ``1 − σ(β(z0 − r))``
+    - apo_zero_unpaired, desirable:   ``1 − σ(βr)``       (``kl`` is ignored)
+    - apo_zero_unpaired, undesirable: ``σ(βr)``
+
+    each multiplied by its class weight ``λ_D`` (desirable_weight) or ``λ_U`` (undesirable_weight).
+    The rows stay in their input order (TRL concatenates the desirable block first); the plain
+    mean over all ``B`` rows equals TRL's ``nanmean`` over the count ``B`` (not a weighted mean).
+
+    ``desirable`` is a ``(B,)`` bool (or 0/1) tensor. ``kl`` is detached here; clamping it at 0
+    and averaging it over ranks is the caller's job. Returns ``(losses, rewards, weights)``, each
+    ``(B,)``: the weighted losses, the rewards ``β·r`` (detached) and the per-row class weight.
+    """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"unknown KTO loss_type {loss_type!r}; expected one of {', '.join(KTO_LOSS_TYPES)}")
+    desirable = desirable.to(device=policy_logps.device, dtype=torch.bool)
+    logratios = policy_logps - reference_logps  # (B,)
+    if loss_type == "kto":
+        if kl is None:
+            raise ValueError("kto_loss with loss_type='kto' needs the KL reference point `kl`")
+        z0 = torch.as_tensor(kl, dtype=logratios.dtype, device=logratios.device).detach()
+        desirable_losses = 1 - torch.sigmoid(beta * (logratios - z0))
+        undesirable_losses = 1 - torch.sigmoid(beta * (z0 - logratios))
+    else:
+        desirable_losses = 1 - torch.sigmoid(beta * logratios)
+        undesirable_losses = torch.sigmoid(beta * logratios)
+    weights = torch.where(
+        desirable, torch.full_like(logratios, desirable_weight), torch.full_like(logratios, undesirable_weight)
+    ).detach()
+    losses = weights * torch.where(desirable, desirable_losses, undesirable_losses)
+    rewards = beta * logratios.detach()
+    return losses, rewards, weights
+
+
+def bco_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    beta: float,
+    delta: float | torch.Tensor,
+    udm_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary Classifier Optimization loss (arXiv 2404.04656), per row ``(B,)``.
+
+    With the implicit reward ``r = β(LP_θ(y|x) − LP_ref(y|x))`` (gradient flows through ``r``) and
+    the running reward mean ``δ`` (a constant; the caller updates it with this batch's rewards
+    *before* calling, as TRL does in training):
+
+    - desirable:   ``−logσ(r − δ)``
+    - undesirable: ``−logσ(−(r − δ))``, times ``w`` when ``udm_weights`` is given
+
+    ``udm_weights`` is ``(B,)`` in row order (the clamped density ratio ``p/(1 − p)`` of
+    Underlying Distribution Matching, see ``dspref.udm``); only its undesirable entries are used,
+    the desirable rows keep weight exactly 1 (their entries are ignored). Rows stay in input order
+    (TRL puts the desirable block first); the plain mean equals TRL's ``nanmean``.
+
+    Returns ``(losses, rewards)``, each ``(B,)``; the rewards are detached.
+    """
+    desirable = desirable.to(device=policy_logps.device, dtype=torch.bool)
+    rewards = beta * (policy_logps - reference_logps)  # (B,), keeps the graph
+    delta = torch.as_tensor(delta, dtype=rewards.dtype, device=rewards.device).detach()
+    centred = rewards - delta
+    losses = torch.where(desirable, -F.logsigmoid(centred), -F.logsigmoid(-centred))
+    if udm_weights is not None:
+        udm_weights = udm_weights.detach().to(device=losses.device, dtype=losses.dtype)
+        if udm_weights.shape != losses.shape:
+            raise ValueError(f"udm_weights has shape {tuple(udm_weights.shape)}; expected {tuple(losses.shape)}")
+        losses = losses * torch.where(desirable, torch.ones_like(udm_weights), udm_weights)
+    return losses, rewards.detach()

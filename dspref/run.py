@@ -91,6 +91,7 @@ def train(cfg, explicit: set[str]) -> RunResult:
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds = _main_process_first(rank, lambda: load_data(cfg, tokenizer, objective.data_kind))
     model_config = _read_model_config(cfg, objective.model_kind)
+    ref_ds_user = _check_reference_inputs(cfg, tokenizer, model_config) if objective.needs_reference else None
     hidden = getattr(model_config.get_text_config(), "hidden_size", None)
     # First pass pulls batch sizes the JSON sets into cfg; the step count depends on them.
     resolve_ds_config(ds_raw, cfg, explicit, world_size=world, num_training_steps=None, on_cpu=_on_cpu(), hidden_size=hidden)
@@ -113,6 +114,12 @@ def train(cfg, explicit: set[str]) -> RunResult:
     engine = eng.Engine(make_scorer(model, objective.model_kind, cfg.logits_chunk_size), ds_config,
                         optimizer_factory=lambda params: _adamw(cfg, params),
                         scheduler_factory=lambda opt: _scheduler(cfg, opt, settings.total_steps))
+    if objective.needs_reference:
+        from dspref.reference import build_reference
+
+        objective.reference = build_reference(cfg, policy_engine=engine, policy_ds=ds_config, tokenizer=tokenizer,
+                                              ref_ds_user=ref_ds_user)
+        log.info("reference: %s", objective.reference.description)
     collate = objective.collator(pad_id)
 
     start_step = 0
@@ -218,7 +225,14 @@ def load_data(cfg, tokenizer, data_kind: str):
             chat_template = f.read()
     common = dict(eval_split_ratio=cfg.eval_split_ratio, seed=cfg.seed, max_length=cfg.max_length,
                   num_proc=cfg.dataset_num_proc, chat_template=chat_template)
-    if data_kind == "reward":
+    if data_kind == "unpaired":
+        from dspref.data.unpaired import build_unpaired_datasets
+
+        train_ds, eval_ds = build_unpaired_datasets(
+            train_sources, eval_sources, tokenizer, max_prompt_length=cfg.max_prompt_length,
+            max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode, **common)
+        _check_classes(cfg, train_ds)
+    elif data_kind == "reward":
         from dspref.data.reward import build_reward_datasets
 
         train_ds, eval_ds = build_reward_datasets(train_sources, eval_sources, tokenizer, **common)
@@ -246,6 +260,42 @@ def _read_model_config(cfg, model_kind: str):
                        f"{config.num_labels} labels; a reward model has exactly one. Start from a base or "
                        f"instruction model (a new one-label head is added) or from a one-label reward model")
     return config
+
+
+def _check_classes(cfg, train_ds) -> None:
+    """Both labels must be present; a KTO imbalance outside TRL's guidance is a warning with the fix."""
+    from dspref.data.unpaired import check_balance, class_counts
+
+    n_desirable, n_undesirable = class_counts(train_ds)
+    weights = (cfg.desirable_weight, cfg.undesirable_weight) if cfg.method == "kto" else (1.0, 1.0)
+    warning = check_balance(n_desirable, n_undesirable, *weights)
+    if warning and cfg.method == "kto":
+        log.warning(warning)
+
+
+def _check_reference_inputs(cfg, tokenizer, policy_config) -> dict | None:
+    """Reference options that can be checked before any model loads; returns the user's ref JSON."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if cfg.ref_model:
+        _check_local_path(cfg.ref_model, "ref_model")
+        ref_config = _user_step(lambda: AutoConfig.from_pretrained(cfg.ref_model, trust_remote_code=cfg.trust_remote_code),
+                                f"cannot read the reference config from ref_model={cfg.ref_model!r}")
+        ref_vocab = ref_config.get_text_config().vocab_size
+        if ref_vocab != policy_config.get_text_config().vocab_size:
+            raise RunError(f"ref_model {cfg.ref_model!r} has a vocabulary of {ref_vocab} tokens but the policy has "
+                           f"{policy_config.get_text_config().vocab_size}; the reference must share the policy's "
+                           f"tokenizer")
+        try:
+            ref_tokenizer = AutoTokenizer.from_pretrained(cfg.ref_model, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError):
+            ref_tokenizer = None  # a folder with weights only: the vocabulary size check above stands
+        if ref_tokenizer is not None and ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise RunError(f"ref_model {cfg.ref_model!r} has a different tokenizer from the policy's (token ids would "
+                           f"not mean the same); use a reference trained with the policy's tokenizer")
+    if cfg.ref_ds_config:
+        return load_ds_config(cfg.ref_ds_config)
+    return None
 
 
 def _loop_settings(cfg, n_train: int, world: int):

@@ -19,8 +19,10 @@ Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
 class Objective(Protocol):
     needs_reference: bool
     model_kind: str  # "causal-lm" or "sequence-classification": which model and scorer the run builds
-    data_kind: str  # "paired" or "reward": which dataset builder prepares the rows
+    data_kind: str  # "paired", "reward" or "unpaired": which dataset builder prepares the rows
     headline_metrics: tuple[str, ...]  # the metrics a run's summary leads with
+    metric_reductions: dict[str, str]  # name -> "pooled" | "total" (default: mean of micro-batch means)
+    derived_metrics: dict[str, tuple[str, str]]  # name -> (a, b): logged as a − b when both are present
 
     def collator(self, pad_token_id: int) -> Callable[[list[dict]], dict]:
         """Rows of the tokenized dataset -> batch tensors."""
@@ -56,4 +58,13 @@ def build_objective(cfg) -> Objective:
         from dspref.objectives.reward import RewardObjective
 
         return RewardObjective(center_rewards_coefficient=cfg.center_rewards_coefficient)
+    if cfg.method == "kto":
+        from dspref.objectives.unpaired import KTOObjective
+
+        return KTOObjective(beta=cfg.beta, loss_type=cfg.loss_type, desirable_weight=cfg.desirable_weight,
+                            undesirable_weight=cfg.undesirable_weight, max_length=cfg.max_length)
+    if cfg.method == "bco":
+        from dspref.objectives.unpaired import BCOObjective
+
+        return BCOObjective(beta=cfg.beta, max_length=cfg.max_length)
     raise ValueError(f"method {cfg.method!r} has no objective yet")

@@ -16,6 +16,8 @@ class CPOObjective:
 
     needs_reference = False
     headline_metrics = ("rewards/accuracies", "rewards/margins")  # shown in the end-of-run summary
+    metric_reductions: dict = {}  # every metric: mean over micro-batches of the all-rank mean
+    derived_metrics: dict = {}
     model_kind = "causal-lm"
     data_kind = "paired"
 

@@ -13,6 +13,8 @@ class RewardObjective:
 
     needs_reference = False
     headline_metrics = ("accuracy", "margin")  # shown in the end-of-run summary
+    metric_reductions: dict = {}  # every metric: mean over micro-batches of the all-rank mean
+    derived_metrics: dict = {}
     model_kind = "sequence-classification"
     data_kind = "reward"
 
