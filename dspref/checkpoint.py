@@ -5,6 +5,7 @@ Layout of ``output_dir``::
     checkpoint-<step>/deepspeed/...        DeepSpeed's model/optimizer/scheduler shards
     checkpoint-<step>/dspref_state.json    step, data position, objective state
     checkpoint-<step>/rng_state_<rank>.pt  RNG states of each rank (tensors; loaded weights_only)
+    checkpoint-<step>/objective_tensors.pt the method's tensor state, if any (BCO's UDM classifier)
     latest                                 name of the newest complete checkpoint (written last)
 
 A checkpoint is written into ``.tmp-checkpoint-<step>`` and renamed into place only when every
@@ -30,6 +31,7 @@ log = logging.getLogger("dspref")
 
 DS_TAG = "deepspeed"
 STATE_FILE = "dspref_state.json"
+TENSORS_FILE = "objective_tensors.pt"
 LATEST = "latest"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -38,8 +40,13 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save_checkpoint(engine, output_dir: str, step: int, state: dict, *, save_total_limit: int | None) -> str:
-    """Write ``checkpoint-<step>`` atomically on all ranks; returns its path."""
+def save_checkpoint(engine, output_dir: str, step: int, state: dict, *, save_total_limit: int | None,
+                    tensors: dict | None = None) -> str:
+    """Write ``checkpoint-<step>`` atomically on all ranks; returns its path.
+
+    ``state`` (JSON) and ``tensors`` (e.g. BCO's UDM classifier; loaded with weights_only=True)
+    are the run's own state beside DeepSpeed's, written by rank 0.
+    """
     rank = torch.distributed.get_rank()
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
@@ -52,6 +59,8 @@ def save_checkpoint(engine, output_dir: str, step: int, state: dict, *, save_tot
         engine.save(tmp, DS_TAG, client_state={"dspref_step": step})
         torch.save(_rng_state(), os.path.join(tmp, f"rng_state_{rank}.pt"))
         if rank == 0:
+            if tensors:
+                torch.save(tensors, os.path.join(tmp, TENSORS_FILE))
             _write_json(os.path.join(tmp, STATE_FILE), state)
     except Exception as e:  # disk full, permissions, ...: clean up, keep the previous checkpoint
         failed[0], error = 1, e
@@ -124,17 +133,19 @@ def resolve_resume(output_dir: str, spec: str | None) -> str | None:
     return spec
 
 
-def load_checkpoint(engine, path: str) -> dict:
-    """Restore engine, RNG states and return the dspref state of checkpoint ``path``."""
+def load_checkpoint(engine, path: str) -> tuple[dict, dict]:
+    """Restore engine and RNG states; return the dspref state and tensors of checkpoint ``path``."""
     engine.load(path, DS_TAG)
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         state = json.load(f)
+    tensors_path = os.path.join(path, TENSORS_FILE)
+    tensors = torch.load(tensors_path, weights_only=True) if os.path.exists(tensors_path) else {}
     rng_path = os.path.join(path, f"rng_state_{torch.distributed.get_rank()}.pt")
     if os.path.exists(rng_path):
         _set_rng_state(torch.load(rng_path, weights_only=True))
     else:
         log.warning("%s has no RNG state for this rank (world size changed?); RNG not restored", path)
-    return state
+    return state, tensors
 
 
 def _rng_state() -> dict:

@@ -79,6 +79,33 @@ def eval_order(n_rows: int, *, rank: int, world_size: int, batch_size: int) -> l
     return [(rows, True) if rows else (filler, False) for rows, _ in batches]
 
 
+def train_batches(dataset, collate, *, seed: int, micro_batch: int, per_epoch: int, start: int, stop: int):
+    """Yield ``(key, batch)`` for the micro-batches ``start .. stop-1`` of this rank, in training order.
+
+    ``key`` = ("train", epoch, index) names a micro-batch for caches (precomputed reference log-probs).
+    """
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    order, order_epoch = None, None
+    for micro in range(start, stop):
+        epoch, index = divmod(micro, per_epoch)
+        if order_epoch != epoch:
+            order = train_order(len(dataset), epoch=epoch, seed=seed, rank=rank, world_size=world,
+                                micro_batch=micro_batch)
+            order_epoch = epoch
+        batch = collate(fetch(dataset, order[index]))
+        batch["batch_key"] = ("train", epoch, index)
+        yield batch["batch_key"], batch
+
+
+def eval_batches(dataset, collate, *, batch_size: int):
+    """Yield ``(key, batch, counted)`` for this rank's eval batches (see :func:`eval_order`)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    for i, (rows, counted) in enumerate(eval_order(len(dataset), rank=rank, world_size=world, batch_size=batch_size)):
+        batch = collate(fetch(dataset, rows))
+        batch["batch_key"] = ("eval", 0, i)
+        yield batch["batch_key"], batch, counted
+
+
 def fetch(dataset, indices: list[int]) -> list[dict]:
     """Rows ``indices`` of a ``datasets.Dataset`` as a list of dicts."""
     columns = dataset[indices]
@@ -159,11 +186,10 @@ def memory_row() -> dict:
 # --------------------------------------------------------------------------- eval
 def evaluate(engine, objective, dataset, collate, *, batch_size: int) -> dict:
     """The eval pass with the training objective: exact means over every eval row, ``eval_`` names."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     names, totals = None, None
     with eng.eval_mode(engine):
-        for rows, counted in eval_order(len(dataset), rank=rank, world_size=world, batch_size=batch_size):
-            loss, metrics = objective.compute(engine, collate(fetch(dataset, rows)), train=False)
+        for _, batch, counted in eval_batches(dataset, collate, batch_size=batch_size):
+            loss, metrics = objective.compute(engine, batch, train=False)
             entries = {"loss": (loss.float(), torch.ones(())), **metrics}
             names = names or list(entries)
             vec = torch.stack([x.detach().float().cpu() for n in names for x in entries[n]])
@@ -182,7 +208,7 @@ def _totals(objective) -> dict:
 # --------------------------------------------------------------------------- train
 def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracker, *, start_step: int = 0) -> LoopResult:
     """Run optimizer steps ``start_step+1 .. s.total_steps`` (or until ``stop_after_steps``)."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
     gas, per_epoch = s.gradient_accumulation_steps, s.micro_batches_per_epoch
     step, micro = start_step, start_step * gas
     last_eval: dict = {}
@@ -196,14 +222,11 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
     if step == 0 and s.eval_on_start:
         run_eval(0)
     bar = make_progress(s.total_steps, step, enabled=rank == 0)
-    window, order, order_epoch = MetricWindow(objective.metric_reductions), None, None
+    window = MetricWindow(objective.metric_reductions)
     engine.train(True)
-    while step < s.total_steps:
-        epoch, index = divmod(micro, per_epoch)
-        if order_epoch != epoch:
-            order, order_epoch = train_order(len(train_ds), epoch=epoch, seed=s.seed, rank=rank, world_size=world,
-                                             micro_batch=s.per_device_train_batch_size), epoch
-        batch = collate(fetch(train_ds, order[index]))
+    batches = train_batches(train_ds, collate, seed=s.seed, micro_batch=s.per_device_train_batch_size,
+                            per_epoch=per_epoch, start=micro, stop=s.total_steps * gas)
+    for (_, epoch, _), batch in batches:
         loss, metrics = objective.compute(engine, batch, train=True)
         _check_finite(loss, step + 1, s.output_dir)
         lr = engine.lr  # the rate this step uses (the scheduler moves on inside step())
@@ -227,7 +250,8 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
         stop = bool(s.stop_after_steps) and step >= s.stop_after_steps and step < s.total_steps
         if (s.save_steps and step % s.save_steps == 0) or stop:
             state = {"step": step, "micro_batches": micro, "epoch": epoch, "objective": objective.state_dict()}
-            ckpt.save_checkpoint(engine, s.output_dir, step, state, save_total_limit=s.save_total_limit)
+            ckpt.save_checkpoint(engine, s.output_dir, step, state, save_total_limit=s.save_total_limit,
+                                 tensors=objective.tensor_state())
         window.start = time.perf_counter()  # eval and saving are not training throughput
         if stop:
             break

@@ -7,7 +7,8 @@ Strategies (picked from the config, as TRL does; see ``ReferenceConfig``):
   weights (loaded again, sharded at construction: never a full copy per rank under ZeRO-3);
 - ``ModuleReference``: a bitsandbytes 8/4-bit model, a plain module on every rank;
 - ``AdapterReference``: the policy itself with its LoRA adapter disabled (or a named adapter active);
-- ``PrecomputedReference``: values computed in one pass before training, read from the batch.
+- precomputed (:mod:`dspref.precompute`): values computed in one pass before training, read back
+  per batch, so no reference model is held during training.
 
 Every strategy scores with the same :mod:`dspref.logps` forward as the policy.
 """
@@ -76,39 +77,18 @@ class AdapterReference:
                                completion_mask=batch["completion_mask"])["logps"].detach()
 
 
-class PrecomputedReference:
-    """Reads ``batch["ref_logps"]`` (filled from the precompute cache); holds no model."""
-
-    description = "precomputed"
-
-    def logps(self, batch: dict) -> torch.Tensor:
-        return batch["ref_logps"]
-
-
-def describe(cfg) -> str:
-    """Which strategy the options select (for the log line and the errors)."""
-    if cfg.precompute_ref_log_probs:
-        return "precomputed"
-    if cfg.peft_config and not cfg.ref_model:
-        return "adapter"
-    if cfg.ref_load_in_8bit or cfg.ref_load_in_4bit:
-        return "quantized"
-    return "engine"
-
-
-def build_reference(cfg, *, policy_engine, policy_ds: dict, tokenizer, ref_ds_user: dict | None):
-    """The live reference the options select (``precompute`` builds one of these for its pass)."""
+def build_reference(cfg, *, policy_engine, policy_ds: dict, ref_ds_user: dict | None):
+    """The live reference the options select (precompute runs one of these for its pass)."""
     from dspref import engine as eng
     from dspref.dsconfig import reference_ds_config
     from dspref.logps import SequenceScorer
 
-    strategy = describe(cfg)
-    if strategy == "adapter":
+    if cfg.peft_config and not cfg.ref_model:
         return AdapterReference(policy_engine, model_adapter_name=cfg.model_adapter_name,
                                 ref_adapter_name=cfg.ref_adapter_name)
     path = cfg.ref_model or cfg.model_name_or_path
     random_init = cfg.random_init and not cfg.ref_model  # the policy's initial weights: same config, same seed
-    if strategy == "quantized":
+    if cfg.ref_load_in_8bit or cfg.ref_load_in_4bit:
         model = _load_quantized(cfg, path, random_init)
         return ModuleReference(SequenceScorer(model, cfg.logits_chunk_size), eng.device(),
                                f"{'8' if cfg.ref_load_in_8bit else '4'}-bit bitsandbytes ({path})")

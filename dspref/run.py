@@ -114,18 +114,16 @@ def train(cfg, explicit: set[str]) -> RunResult:
     engine = eng.Engine(make_scorer(model, objective.model_kind, cfg.logits_chunk_size), ds_config,
                         optimizer_factory=lambda params: _adamw(cfg, params),
                         scheduler_factory=lambda opt: _scheduler(cfg, opt, settings.total_steps))
-    if objective.needs_reference:
-        from dspref.reference import build_reference
-
-        objective.reference = build_reference(cfg, policy_engine=engine, policy_ds=ds_config, tokenizer=tokenizer,
-                                              ref_ds_user=ref_ds_user)
-        log.info("reference: %s", objective.reference.description)
     collate = objective.collator(pad_id)
+    if objective.needs_reference:
+        objective.reference = _reference(cfg, engine, ds_config, ref_ds_user, train_ds, eval_ds, collate, settings)
+        log.info("reference: %s", objective.reference.description)
 
     start_step = 0
     if resume_path:
-        state = ckpt.load_checkpoint(engine, resume_path)
+        state, tensors = ckpt.load_checkpoint(engine, resume_path)
         objective.load_state_dict(state.get("objective", {}))
+        objective.load_tensor_state(tensors)
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_path, start_step)
     if rank == 0:
@@ -260,6 +258,25 @@ def _read_model_config(cfg, model_kind: str):
                        f"{config.num_labels} labels; a reward model has exactly one. Start from a base or "
                        f"instruction model (a new one-label head is added) or from a one-label reward model")
     return config
+
+
+def _reference(cfg, engine, ds_config, ref_ds_user, train_ds, eval_ds, collate, settings):
+    """The live reference, or with precompute_ref_log_probs its cached values (the model then freed)."""
+    from dspref.reference import build_reference
+
+    live = build_reference(cfg, policy_engine=engine, policy_ds=ds_config, ref_ds_user=ref_ds_user)
+    if not cfg.precompute_ref_log_probs:
+        return live
+    from dspref.precompute import precompute
+
+    total_micro = settings.total_steps * settings.gradient_accumulation_steps
+    reference = precompute(cfg, live, train_ds=train_ds, eval_ds=eval_ds, collate=collate, total_micro=total_micro,
+                           per_epoch=settings.micro_batches_per_epoch)
+    del live
+    import gc
+
+    gc.collect()
+    return reference
 
 
 def _check_classes(cfg, train_ds) -> None:

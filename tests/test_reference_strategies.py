@@ -41,10 +41,13 @@ def strategy_runs(tmp_path_factory, small_data, saved_base):
         "kto_apo_zero_unpaired": args("g", "kto", ds_config="zero3.json", loss_type="apo_zero_unpaired"),
         "bco_auto_copy_zero3": args("h", "bco", ds_config="zero3.json"),
         "bco_ref_ds_config_stage3": args("i", "bco", ds_config="zero2.json", ref_zero_stage="3"),
+        "kto_precomputed": args("j", "kto", ds_config="zero3.json", precompute_ref_log_probs="true"),
+        "bco_precomputed": args("k", "bco", ds_config="zero3.json", precompute_ref_log_probs="true"),
     }
     spec_file, result = tmp / "specs.json", tmp / "result.json"
     spec_file.write_text(json.dumps({k: [str(x) for x in v] for k, v in specs.items()}))
-    proc = launch(["tests/dist/run_many.py", str(result), str(spec_file)], nprocs=2, timeout=900)
+    proc = launch(["tests/dist/run_many.py", str(result), str(spec_file)], nprocs=2, timeout=900,
+                  env={"DSPREF_CACHE": str(tmp / "cache")})
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(result.read_text())
 
@@ -87,3 +90,14 @@ def test_kto_metrics_and_bco_delta(strategy_runs):
     assert "delta" in bco[-1] and "kl" not in bco[-1]
     apo = _train(strategy_runs["kto_apo_zero_unpaired"])[-1]
     assert apo["kl"] == 0.0
+
+
+@pytest.mark.parametrize("live, pre", [("kto_auto_copy_zero3", "kto_precomputed"),
+                                       ("bco_auto_copy_zero3", "bco_precomputed")])
+def test_precomputed_equals_live_on_two_ranks(strategy_runs, live, pre):
+    a, b = strategy_runs[live]["rows"], strategy_runs[pre]["rows"]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "eval_loss", "rewards/chosen", "rewards/rejected", "kl", "delta"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], abs=1e-5), (key, x["step"])

@@ -35,6 +35,27 @@ class Objective(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def tensor_state(self) -> dict:
+        """Tensors saved with checkpoints (loaded back with weights_only=True); empty if none."""
+
+    def load_tensor_state(self, tensors: dict) -> None: ...
+
+
+class Stateless:
+    """Mixin for objectives that carry no state across steps."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def tensor_state(self) -> dict:
+        return {}
+
+    def load_tensor_state(self, tensors: dict) -> None:
+        pass
+
 
 def mean_metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A per-example metric as ``(sum, count)``."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from dspref.losses import cpo_loss, token_mean_nll
-from dspref.objectives import Metrics, mean_metric, scalar_metric
+from dspref.objectives import Metrics, Stateless, mean_metric, scalar_metric
 
 # ipo and simpo compare length-averaged log-probs; sigmoid and hinge compare sums (TRL's rule).
 _AVERAGED = ("ipo", "simpo")
 
 
-class CPOObjective:
+class CPOObjective(Stateless):
     """``mean_B(L_pref) + cpo_alpha · NLL(chosen)`` from one forward over [chosen; rejected]."""
 
     needs_reference = False
@@ -68,9 +68,3 @@ class CPOObjective:
             "nll_loss": scalar_metric(nll),
         }
         return loss, metrics
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from dspref.losses import reward_loss
-from dspref.objectives import Metrics, mean_metric
+from dspref.objectives import Metrics, Stateless, mean_metric
 
 
-class RewardObjective:
+class RewardObjective(Stateless):
     """``mean_B(−logσ(r_c − r_r − margin)) [+ c·mean_B((r_c + r_r)²)]`` from one forward over [chosen; rejected]."""
 
     needs_reference = False
@@ -41,9 +41,3 @@ class RewardObjective:
             "rewards/rejected": mean_metric(rejected),
         }
         return losses.mean(), metrics
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -12,7 +12,7 @@ import torch
 
 from dspref import engine as eng
 from dspref.losses import bco_loss, kto_loss
-from dspref.objectives import Metrics, scalar_metric
+from dspref.objectives import Metrics, Stateless, scalar_metric
 
 # Per-class means are pooled over ranks and micro-batches (weighted by count), as the issue asks;
 # counts are totals of the logging window.
@@ -33,7 +33,7 @@ def class_metrics(rewards, policy_logps, logits_sum, token_counts, desirable) ->
     return out
 
 
-class _Unpaired:
+class _Unpaired(Stateless):
     needs_reference = True
     model_kind = "causal-lm"
     data_kind = "unpaired"
@@ -58,12 +58,6 @@ class _Unpaired:
                         completion_mask=batch["completion_mask"])
         ref = self.reference.logps(batch).to(scores["logps"].device).float()
         return scores, ref
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class KTOObjective(_Unpaired):
