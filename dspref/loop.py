@@ -97,12 +97,12 @@ def train_batches(dataset, collate, *, seed: int, micro_batch: int, per_epoch: i
         yield batch["batch_key"], batch
 
 
-def eval_batches(dataset, collate, *, batch_size: int):
+def eval_batches(dataset, collate, *, batch_size: int, split: str = "eval"):
     """Yield ``(key, batch, counted)`` for this rank's eval batches (see :func:`eval_order`)."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     for i, (rows, counted) in enumerate(eval_order(len(dataset), rank=rank, world_size=world, batch_size=batch_size)):
         batch = collate(fetch(dataset, rows))
-        batch["batch_key"] = ("eval", 0, i)
+        batch["batch_key"] = (split, 0, i)
         yield batch["batch_key"], batch, counted
 
 
@@ -201,13 +201,41 @@ def evaluate(engine, objective, dataset, collate, *, batch_size: int) -> dict:
     return {f"eval_{n}": v for n, v in values.items()}
 
 
+def evaluate_pairs(engine, reference, dataset, collate, *, beta: float, batch_size: int) -> dict:
+    """Held-out preference accuracy of a method with a reference, on paired eval rows.
+
+    A pair counts as right when the policy raises the chosen completion's log-prob above the
+    reference's by more than the rejected one's: ``π_c − ref_c > π_r − ref_r`` (DPO's implicit
+    reward, TRL's ``rewards/accuracies``). Exact over every pair; logged as ``eval_rewards/accuracies``
+    and ``eval_rewards/margins`` (β times the margin).
+    """
+    totals = torch.zeros(3, dtype=torch.float64)  # right, margin sum, pairs
+    with eng.eval_mode(engine):
+        for _, batch, counted in eval_batches(dataset, collate, batch_size=batch_size, split="pairs"):
+            policy = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            completion_mask=batch["completion_mask"])["logps"].float()
+            ratio = (policy - reference.logps(batch).to(policy.device).float()).cpu().double()
+            chosen, rejected = ratio.chunk(2)  # (B,) each: [chosen; rejected]
+            if counted:
+                totals += torch.stack([(chosen > rejected).double().sum(), (beta * (chosen - rejected)).sum(),
+                                       torch.tensor(float(chosen.numel()), dtype=torch.float64)])
+    totals = eng.all_reduce_sum(totals)
+    n = max(totals[2].item(), 1.0)
+    return {"eval_rewards/accuracies": totals[0].item() / n, "eval_rewards/margins": totals[1].item() / n}
+
+
 def _totals(objective) -> dict:
     return {n: how for n, how in objective.metric_reductions.items() if how == "total"}
 
 
 # --------------------------------------------------------------------------- train
-def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracker, *, start_step: int = 0) -> LoopResult:
-    """Run optimizer steps ``start_step+1 .. s.total_steps`` (or until ``stop_after_steps``)."""
+def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracker, *, start_step: int = 0,
+          pairs=None) -> LoopResult:
+    """Run optimizer steps ``start_step+1 .. s.total_steps`` (or until ``stop_after_steps``).
+
+    ``pairs``: ``(dataset, collate)`` of paired eval rows for methods with a reference, whose
+    held-out preference accuracy is evaluated beside the objective's own eval metrics.
+    """
     rank = torch.distributed.get_rank()
     gas, per_epoch = s.gradient_accumulation_steps, s.micro_batches_per_epoch
     step, micro = start_step, start_step * gas
@@ -217,6 +245,9 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
         nonlocal last_eval
         if eval_ds is not None:
             last_eval = evaluate(engine, objective, eval_ds, collate, batch_size=s.per_device_eval_batch_size)
+            if pairs is not None:  # (paired eval dataset, paired collator): preference accuracy
+                last_eval |= evaluate_pairs(engine, objective.reference, pairs[0], pairs[1], beta=objective.beta,
+                                            batch_size=s.per_device_eval_batch_size)
             tracker.log({"step": at_step, **last_eval})
 
     if step == 0 and s.eval_on_start:

@@ -34,7 +34,12 @@ def cache_root() -> str:
     return os.environ.get("DSPREF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dspref"))
 
 
-def fingerprint(cfg, *, train_ds, eval_ds, world_size: int, total_micro: int, per_epoch: int) -> str:
+def _n_eval_batches(n_rows: int, batch_size: int) -> int:
+    share = math.ceil(n_rows / torch.distributed.get_world_size())
+    return max(1, math.ceil(share / batch_size))
+
+
+def fingerprint(cfg, *, train_ds, eval_ds, pairs_ds=None, world_size: int, total_micro: int, per_epoch: int) -> str:
     """Hash of everything the cached values depend on."""
     path = cfg.ref_model or cfg.model_name_or_path
     inputs = {
@@ -42,7 +47,7 @@ def fingerprint(cfg, *, train_ds, eval_ds, world_size: int, total_micro: int, pe
                       "random_init": cfg.random_init and not cfg.ref_model, "seed": cfg.seed,
                       "quantized": [cfg.ref_load_in_8bit, cfg.ref_load_in_4bit], "peft": cfg.peft_config,
                       "ref_adapter_name": cfg.ref_adapter_name, "bf16": cfg.bf16, "fp16": cfg.fp16},
-        "data": [train_ds._fingerprint, eval_ds._fingerprint if eval_ds is not None else None],
+        "data": [d._fingerprint if d is not None else None for d in (train_ds, eval_ds, pairs_ds)],
         "batches": {"world": world_size, "micro": cfg.per_device_train_batch_size,
                     "eval": cfg.per_device_eval_batch_size, "seed": cfg.seed, "total_micro": total_micro,
                     "per_epoch": per_epoch, "method": cfg.method, "loss_type": getattr(cfg, "loss_type", None),
@@ -123,22 +128,25 @@ class PrecomputedReference:
         return self.values[_name(batch["batch_key"])]
 
 
-def precompute(cfg, live_reference, *, train_ds, eval_ds, collate, total_micro: int, per_epoch: int):
-    """Run (or reuse) the precompute pass with ``live_reference``; return the reference for training."""
+def precompute(cfg, live_reference, *, train_ds, eval_ds, collate, total_micro: int, per_epoch: int, pairs=None):
+    """Run (or reuse) the precompute pass with ``live_reference``; return the reference for training.
+
+    ``pairs``: ``(dataset, collate)`` of the paired eval rows scored for preference accuracy.
+    """
     from dspref.loop import eval_batches, train_batches
 
     def all_batches():
         yield from train_batches(train_ds, collate, seed=cfg.seed, micro_batch=cfg.per_device_train_batch_size,
                                  per_epoch=per_epoch, start=0, stop=total_micro)
-        if eval_ds is not None:
-            for key, batch, _ in eval_batches(eval_ds, collate, batch_size=cfg.per_device_eval_batch_size):
-                yield key, batch
+        for split, dataset, batch_collate in (("eval", eval_ds, collate), ("pairs", *(pairs or (None, None)))):
+            if dataset is not None:
+                for key, batch, _ in eval_batches(dataset, batch_collate, batch_size=cfg.per_device_eval_batch_size,
+                                                  split=split):
+                    yield key, batch
 
-    n_eval = 0
-    if eval_ds is not None:
-        share = math.ceil(len(eval_ds) / torch.distributed.get_world_size())
-        n_eval = max(1, math.ceil(share / cfg.per_device_eval_batch_size))
-    key = fingerprint(cfg, train_ds=train_ds, eval_ds=eval_ds, world_size=torch.distributed.get_world_size(),
+    n_eval = sum(_n_eval_batches(len(d), cfg.per_device_eval_batch_size)
+                 for d in (eval_ds, (pairs or (None,))[0]) if d is not None)
+    key = fingerprint(cfg, train_ds=train_ds, eval_ds=eval_ds, pairs_ds=(pairs or (None,))[0], world_size=torch.distributed.get_world_size(),
                       total_micro=total_micro, per_epoch=per_epoch)
     values = load_or_compute(key, live_reference, batches=all_batches(), expected=total_micro + n_eval)
     return PrecomputedReference(values)

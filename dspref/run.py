@@ -90,6 +90,7 @@ def train(cfg, explicit: set[str]) -> RunResult:
     objective = build_objective(cfg)
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds = _main_process_first(rank, lambda: load_data(cfg, tokenizer, objective.data_kind))
+    pairs_ds = _main_process_first(rank, lambda: load_eval_pairs(cfg, tokenizer)) if objective.needs_reference else None
     model_config = _read_model_config(cfg, objective.model_kind)
     ref_ds_user = _check_reference_inputs(cfg, tokenizer, model_config) if objective.needs_reference else None
     hidden = getattr(model_config.get_text_config(), "hidden_size", None)
@@ -115,8 +116,14 @@ def train(cfg, explicit: set[str]) -> RunResult:
                         optimizer_factory=lambda params: _adamw(cfg, params),
                         scheduler_factory=lambda opt: _scheduler(cfg, opt, settings.total_steps))
     collate = objective.collator(pad_id)
+    pairs = None
+    if pairs_ds is not None:
+        from dspref.data.collate import PairedCollator
+
+        pairs = (pairs_ds, PairedCollator(pad_id))
     if objective.needs_reference:
-        objective.reference = _reference(cfg, engine, ds_config, ref_ds_user, train_ds, eval_ds, collate, settings)
+        objective.reference = _reference(cfg, engine, ds_config, ref_ds_user, train_ds, eval_ds, collate, settings,
+                                         pairs)
         log.info("reference: %s", objective.reference.description)
 
     start_step = 0
@@ -132,7 +139,8 @@ def train(cfg, explicit: set[str]) -> RunResult:
     from dspref.loop import train as train_loop
 
     try:
-        result = train_loop(engine, objective, train_ds, eval_ds, collate, settings, tracker, start_step=start_step)
+        result = train_loop(engine, objective, train_ds, eval_ds, collate, settings, tracker, start_step=start_step,
+                            pairs=pairs)
         if not result.stopped_early:
             ckpt.export_model(engine, tokenizer, cfg.output_dir, merge_adapter=cfg.merge_peft_adapter)
     finally:
@@ -260,7 +268,7 @@ def _read_model_config(cfg, model_kind: str):
     return config
 
 
-def _reference(cfg, engine, ds_config, ref_ds_user, train_ds, eval_ds, collate, settings):
+def _reference(cfg, engine, ds_config, ref_ds_user, train_ds, eval_ds, collate, settings, pairs):
     """The live reference, or with precompute_ref_log_probs its cached values (the model then freed)."""
     from dspref.reference import build_reference
 
@@ -271,7 +279,7 @@ def _reference(cfg, engine, ds_config, ref_ds_user, train_ds, eval_ds, collate, 
 
     total_micro = settings.total_steps * settings.gradient_accumulation_steps
     reference = precompute(cfg, live, train_ds=train_ds, eval_ds=eval_ds, collate=collate, total_micro=total_micro,
-                           per_epoch=settings.micro_batches_per_epoch)
+                           per_epoch=settings.micro_batches_per_epoch, pairs=pairs)
     del live
     import gc
 
@@ -313,6 +321,30 @@ def _check_reference_inputs(cfg, tokenizer, policy_config) -> dict | None:
     if cfg.ref_ds_config:
         return load_ds_config(cfg.ref_ds_config)
     return None
+
+
+def load_eval_pairs(cfg, tokenizer):
+    """Paired eval rows (prompt/chosen/rejected) for the preference accuracy of KTO/BCO, or None.
+
+    Only when eval files are given and every one of them is paired data.
+    """
+    from dspref.data.formats import detect_paired_format, load_sources
+    from dspref.data.tokenize import build_paired_datasets
+
+    if not cfg.eval_file:
+        return None
+    sources = load_sources(cfg.eval_file)
+    try:
+        for source in sources:
+            detect_paired_format(source)
+    except DataError:
+        return None  # unpaired eval data: the objective's own metrics only
+    chat_template = open(cfg.chat_template_path, encoding="utf-8").read() if cfg.chat_template_path else None
+    pairs, _ = build_paired_datasets(
+        sources, [], tokenizer, eval_split_ratio=0.0, seed=cfg.seed, max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
+        truncation_mode=cfg.truncation_mode, num_proc=cfg.dataset_num_proc, chat_template=chat_template)
+    return pairs
 
 
 def _loop_settings(cfg, n_train: int, world: int):

@@ -8,11 +8,15 @@ in the same micro-batch), scored in the same forward as the completions. BCO shi
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from dspref import engine as eng
 from dspref.losses import bco_loss, kto_loss
 from dspref.objectives import Metrics, Stateless, scalar_metric
+
+log = logging.getLogger("dspref")
 
 # Per-class means are pooled over ranks and micro-batches (weighted by count), as the issue asks;
 # counts are totals of the logging window.
@@ -37,7 +41,7 @@ class _Unpaired(Stateless):
     needs_reference = True
     model_kind = "causal-lm"
     data_kind = "unpaired"
-    headline_metrics = ("rewards/margins", "rewards/chosen", "rewards/rejected")
+    headline_metrics = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
     metric_reductions = _REDUCTIONS
     derived_metrics = {"rewards/margins": ("rewards/chosen", "rewards/rejected")}
     with_kl = False
@@ -90,16 +94,96 @@ class KTOObjective(_Unpaired):
 
 
 class BCOObjective(_Unpaired):
-    """``mean_B(L_BCO)`` with the running reward mean δ (updated before the loss in training only)."""
+    """``mean_B(L_BCO)`` with the running reward mean δ (updated before the loss in training only).
 
-    def __init__(self, *, beta, max_length):
+    With an embedder (``embedding_model_name_or_path``, or ``embedder`` given directly), Underlying
+    Distribution Matching (arXiv 2404.04656 §3.3, TRL's BCOTrainer) weights each undesirable row's loss by
+    ``clamp(p/(1 − p + 1e-8), min_density_ratio, max_density_ratio)``, ``p = P(desirable | prompt)`` from a
+    logistic-regression classifier on prompt embeddings, fitted once by :meth:`prepare` (or restored by
+    :meth:`load_tensor_state`); desirable rows keep weight 1. Batches must then carry ``prompt_text``
+    (datasets built with ``keep_prompt_text=True``). The metric ``udm_weight`` is the mean weight of the
+    undesirable rows, pooled over ranks and micro-batches.
+    """
+
+    metric_reductions = {**_REDUCTIONS, "udm_weight": "pooled"}
+
+    def __init__(self, *, beta, max_length, embedding_model_name_or_path=None, embedder=None,
+                 prompt_sample_size: int = 1024, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0,
+                 seed: int = 42, embedding_batch_size: int = 64):
         super().__init__(beta=beta, max_length=max_length)
         from dspref.udm import RunningMoments
 
         self.running = RunningMoments()
+        if embedder is None and embedding_model_name_or_path:
+            embedder = _load_embedder(embedding_model_name_or_path)
+        self.embedder = embedder
+        self.prompt_sample_size = int(prompt_sample_size)
+        self.min_density_ratio = float(min_density_ratio)
+        self.max_density_ratio = float(max_density_ratio)
+        self.seed = int(seed)
+        self.embedding_batch_size = int(embedding_batch_size)
+        self.classifier = None  # DensityRatioClassifier once fitted or loaded
 
+    @property
+    def udm(self) -> bool:
+        """Whether Underlying Distribution Matching is on."""
+        return self.embedder is not None
+
+    # ------------------------------------------------------------------ UDM classifier
+    def prepare(self, train_dataset) -> None:
+        """Fit the UDM classifier on the training prompts; every rank calls it, with the same dataset.
+
+        A no-op without UDM or when a classifier is already there (fitted, or loaded from a checkpoint by
+        :meth:`load_tensor_state`). Otherwise ``min(n_class, prompt_sample_size)`` prompts per class are drawn
+        with replacement (``sample_prompt_indices`` with ``seed`` for the desirable rows, ``seed + 1`` for the
+        undesirable ones: independent draws, as TRL's two ``np.random.choice`` calls), embedded with the
+        work split over ranks and gathered (one ``all_gather_object``), and the classifier is fitted on the
+        same embeddings on every rank (deterministic float64 LBFGS), so all ranks hold the same classifier.
+        """
+        if not self.udm or self.classifier is not None:
+            return
+        from dspref.udm import DensityRatioClassifier, sample_prompt_indices
+
+        if "prompt_text" not in train_dataset.column_names:
+            raise ValueError("BCO with UDM needs the prompts as text: build the unpaired datasets with "
+                             "keep_prompt_text=True")
+        labels = train_dataset["label"]
+        desirable = [i for i, label in enumerate(labels) if label]
+        undesirable = [i for i, label in enumerate(labels) if not label]
+        if not desirable or not undesirable:
+            raise ValueError("BCO with UDM needs both desirable and undesirable training rows")
+        rows = [desirable[j] for j in sample_prompt_indices(len(desirable), self.prompt_sample_size, self.seed)]
+        n_desirable = len(rows)
+        rows += [undesirable[j] for j in sample_prompt_indices(len(undesirable), self.prompt_sample_size,
+                                                               self.seed + 1)]
+        texts = train_dataset.select_columns(["prompt_text"])[rows]["prompt_text"]
+        embeddings = _embed_sharded(self.embedder, texts, self.embedding_batch_size)  # (n, d), same on all ranks
+        target = torch.zeros(len(rows), dtype=torch.float64)
+        target[:n_desirable] = 1.0
+        self.classifier = DensityRatioClassifier().fit(embeddings, target)
+        log.info("UDM: density-ratio classifier fitted on %d desirable and %d undesirable prompts",
+                 n_desirable, len(rows) - n_desirable)
+
+    def udm_weights(self, batch: dict, desirable: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` float64 on the CPU: the clamped density ratio on undesirable rows, 1 on desirable rows."""
+        if self.classifier is None:
+            raise RuntimeError("BCO with UDM: the density-ratio classifier is not fitted; call prepare(train_dataset) "
+                               "(or load_tensor_state from a checkpoint) before training")
+        if "prompt_text" not in batch:
+            raise ValueError("BCO with UDM needs batch['prompt_text']: build the unpaired datasets with "
+                             "keep_prompt_text=True")
+        weights = torch.ones(desirable.numel(), dtype=torch.float64)
+        rows = (~desirable.cpu()).nonzero().flatten().tolist()
+        if rows:
+            embeddings = self.embedder.embed([batch["prompt_text"][i] for i in rows], batch_size=self.embedding_batch_size)
+            weights[rows] = self.classifier.density_weights(embeddings, min_ratio=self.min_density_ratio,
+                                                            max_ratio=self.max_density_ratio).cpu()
+        return weights
+
+    # ------------------------------------------------------------------ loss
     def compute(self, policy, batch: dict, *, train: bool):
         desirable = batch["label"].to(torch.bool)
+        weights = self.udm_weights(batch, desirable) if self.udm else None  # per-rank, no collective
         scores, ref = self._score(policy, batch)
         logps = scores["logps"]
         desirable = desirable.to(logps.device)
@@ -107,14 +191,66 @@ class BCOObjective(_Unpaired):
             rewards = self.beta * (logps.detach() - ref)
             self.running.update(rewards.double().cpu(), reduce_sum=eng.all_reduce_sum)
         delta = self.running.mean
-        losses, rewards = bco_loss(logps, ref, desirable, beta=self.beta, delta=delta)
+        losses, rewards = bco_loss(logps, ref, desirable, beta=self.beta, delta=delta, udm_weights=weights)
         metrics = class_metrics(rewards, logps, scores["logits_sum"], scores["token_counts"], desirable)
         metrics["delta"] = scalar_metric(torch.tensor(float(delta)))
+        if weights is not None:
+            undesirable = ~desirable.cpu()
+            metrics["udm_weight"] = (weights[undesirable].float().sum(), undesirable.sum().float())
         return losses.mean(), metrics
 
+    # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         return {"running": self.running.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if "running" in state:
             self.running.load_state_dict(state["running"])
+
+    def tensor_state(self) -> dict:
+        """The UDM classifier's tensors (``udm/coef``, ``udm/intercept``, ``udm/C``); empty when there is none."""
+        if self.classifier is None:
+            return {}
+        return {f"{_UDM_PREFIX}{name}": value for name, value in self.classifier.state_dict().items()}
+
+    def load_tensor_state(self, tensors: dict) -> None:
+        """Restore the classifier (then :meth:`prepare` does not refit); ignored without UDM or without its keys."""
+        state = {k[len(_UDM_PREFIX):]: v for k, v in (tensors or {}).items() if k.startswith(_UDM_PREFIX)}
+        if not self.udm or "coef" not in state:
+            return
+        from dspref.udm import DensityRatioClassifier
+
+        classifier = DensityRatioClassifier()
+        classifier.load_state_dict(state)
+        self.classifier = classifier
+
+
+_UDM_PREFIX = "udm/"
+
+
+def _load_embedder(name_or_path: str):
+    """The :class:`PromptEmbedder` of ``embedding_model_name_or_path``; a load failure is a ConfigError."""
+    from dspref.config import ConfigError
+    from dspref.embedding import PromptEmbedder
+
+    try:
+        return PromptEmbedder(name_or_path)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot load the embedding model from embedding_model_name_or_path={name_or_path!r}: "
+                          f"{reason}") from None
+
+
+def _embed_sharded(embedder, texts: list[str], batch_size: int) -> torch.Tensor:
+    """Embeddings ``(n, d)`` float32 on the CPU of all ``texts``, identical on every rank: each rank embeds a
+    contiguous slice and one ``all_gather_object`` joins them (rank order = text order)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embedder.embed(texts, batch_size=batch_size).float().cpu()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = -(-len(texts) // world)
+    mine = texts[rank * share:(rank + 1) * share]
+    local = embedder.embed(mine, batch_size=batch_size).float().cpu() if mine else None
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    return torch.cat([p for p in parts if p is not None], dim=0)
