@@ -296,6 +296,10 @@ class ReferenceConfig(TrainConfig):
                  "ref_offload needs ZeRO-3 for the reference; drop ref_zero_stage 0")
         _require(not (self.ref_adapter_name and not self.peft_config),
                  "ref_adapter_name needs peft_config (a LoRA policy)")
+        # A live engine's placement means nothing when no reference is held during training.
+        _require(not (self.precompute_ref_log_probs and (self.ref_offload or self.ref_zero_stage is not None)),
+                 "precompute_ref_log_probs holds no reference during training, so ref_offload / ref_zero_stage "
+                 "(where a live reference engine sits) contradict it; drop them, or drop precompute_ref_log_probs")
 
 
 @dataclass

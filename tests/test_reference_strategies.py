@@ -42,6 +42,9 @@ def strategy_runs(tmp_path_factory, small_data, saved_base):
         "bco_auto_copy_zero3": args("h", "bco", ds_config="zero3.json"),
         "bco_ref_ds_config_stage3": args("i", "bco", ds_config="zero2.json", ref_zero_stage="3"),
         "kto_precomputed": args("j", "kto", ds_config="zero3.json", precompute_ref_log_probs="true"),
+        # odd micro-batch, accumulation, shuffled order: ranks often hold a single label
+        "kto_odd_batch_accumulation": args("l", "kto", ds_config="zero3.json", per_device_train_batch_size="3",
+                                           gradient_accumulation_steps="2"),
         "bco_precomputed": args("k", "bco", ds_config="zero3.json", precompute_ref_log_probs="true"),
     }
     spec_file, result = tmp / "specs.json", tmp / "result.json"
@@ -101,3 +104,11 @@ def test_precomputed_equals_live_on_two_ranks(strategy_runs, live, pre):
         for key in ("loss", "eval_loss", "rewards/chosen", "rewards/rejected", "kl", "delta"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], abs=1e-5), (key, x["step"])
+
+
+def test_kl_with_odd_batches_and_accumulation_does_not_hang(strategy_runs):
+    rows = _train(strategy_runs["kto_odd_batch_accumulation"])
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["kl"] >= 0 for r in rows)
+    # 2 ranks x 3 rows x 2 micro-batches per optimizer step
+    assert all(r.get("count/chosen", 0) + r.get("count/rejected", 0) == 12 for r in rows)
