@@ -133,6 +133,7 @@ def train(cfg, explicit: set[str]) -> RunResult:
         objective.load_tensor_state(tensors)
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_path, start_step)
+    objective.prepare(train_ds)  # BCO's UDM classifier: fitted once, or kept as loaded from the checkpoint
     if rank == 0:
         drop_rows_after(os.path.join(cfg.output_dir, METRICS_FILE), start_step if start_step else -1)
     tracker = _tracker(cfg, rank)
@@ -234,9 +235,12 @@ def load_data(cfg, tokenizer, data_kind: str):
     if data_kind == "unpaired":
         from dspref.data.unpaired import build_unpaired_datasets
 
+        # BCO's UDM embeds the prompts' text (chat template applied)
+        keep_prompt_text = cfg.method == "bco" and bool(cfg.embedding_model_name_or_path)
         train_ds, eval_ds = build_unpaired_datasets(
             train_sources, eval_sources, tokenizer, max_prompt_length=cfg.max_prompt_length,
-            max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode, **common)
+            max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode,
+            keep_prompt_text=keep_prompt_text, **common)
         _check_classes(cfg, train_ds)
     elif data_kind == "reward":
         from dspref.data.reward import build_reward_datasets

@@ -486,8 +486,9 @@ class UnpairedCollator:
         self.with_kl = with_kl
         self.max_length = max_length
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        """Return input_ids, attention_mask, completion_mask (N, T) long and label (B,) bool.
+    def __call__(self, rows: list[dict]) -> dict:
+        """Return input_ids, attention_mask, completion_mask (N, T) long and label (B,) bool; when every row has
+        prompt_text, also prompt_text: the B prompt strings (a list, in row order; for BCO's UDM).
 
         attention_mask is 1 on real tokens; completion_mask is 1 on completion tokens (including the final EOS)
         and 0 on prompt and padding. T is the longest (truncated) sequence in the batch.
@@ -520,9 +521,12 @@ class UnpairedCollator:
             attention_mask[i, : len(sequence)] = 1
             completion_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
         label = torch.tensor([bool(row[LABEL]) for row in rows], dtype=torch.bool)  # (B,)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "completion_mask": completion_mask,
             "label": label,
         }
+        if rows and all(row.get("prompt_text") is not None for row in rows):
+            batch["prompt_text"] = [str(row["prompt_text"]) for row in rows]
+        return batch

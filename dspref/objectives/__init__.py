@@ -40,6 +40,9 @@ class Objective(Protocol):
 
     def load_tensor_state(self, tensors: dict) -> None: ...
 
+    def prepare(self, train_dataset) -> None:
+        """One-time set-up on the training data before the first step (after a resume's state is loaded)."""
+
 
 class Stateless:
     """Mixin for objectives that carry no state across steps."""
@@ -54,6 +57,9 @@ class Stateless:
         return {}
 
     def load_tensor_state(self, tensors: dict) -> None:
+        pass
+
+    def prepare(self, train_dataset) -> None:
         pass
 
 
@@ -87,5 +93,8 @@ def build_objective(cfg) -> Objective:
     if cfg.method == "bco":
         from dspref.objectives.unpaired import BCOObjective
 
-        return BCOObjective(beta=cfg.beta, max_length=cfg.max_length)
+        return BCOObjective(beta=cfg.beta, max_length=cfg.max_length,
+                            embedding_model_name_or_path=cfg.embedding_model_name_or_path,
+                            prompt_sample_size=cfg.prompt_sample_size, min_density_ratio=cfg.min_density_ratio,
+                            max_density_ratio=cfg.max_density_ratio, seed=cfg.seed)
     raise ValueError(f"method {cfg.method!r} has no objective yet")

@@ -175,7 +175,8 @@ class BCOObjective(_Unpaired):
         weights = torch.ones(desirable.numel(), dtype=torch.float64)
         rows = (~desirable.cpu()).nonzero().flatten().tolist()
         if rows:
-            embeddings = self.embedder.embed([batch["prompt_text"][i] for i in rows], batch_size=self.embedding_batch_size)
+            texts = [batch["prompt_text"][i] for i in rows]
+            embeddings = self.embedder.embed(texts, batch_size=self.embedding_batch_size)
             weights[rows] = self.classifier.density_weights(embeddings, min_ratio=self.min_density_ratio,
                                                             max_ratio=self.max_density_ratio).cpu()
         return weights
