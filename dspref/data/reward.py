@@ -20,11 +20,8 @@ Every source (train and eval) is validated before any is tokenized.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import math
-import sys
 from dataclasses import dataclass
 
 import datasets
@@ -300,7 +297,7 @@ def _tokenize_source(source, fmt: RewardFormat, tokenizer, *, num_proc, chat_tem
         num_proc = max(1, min(num_proc, len(dataset)))  # datasets refuses more workers than rows
     return dataset.map(
         _tokenize_row,
-        fn_kwargs=dict(fmt=fmt, tokenizer=tokenizer, chat_template=chat_template, code_version=_reward_code_version()),
+        fn_kwargs=dict(fmt=fmt, tokenizer=tokenizer, chat_template=chat_template, code_version=_code_version(__name__)),
         remove_columns=dataset.column_names,
         features=datasets.Features(columns),
         num_proc=num_proc,
@@ -311,7 +308,7 @@ def _tokenize_source(source, fmt: RewardFormat, tokenizer, *, num_proc, chat_tem
 def _tokenize_row(row, *, fmt: RewardFormat, tokenizer, chat_template, code_version):
     """One validated row -> full chosen / rejected sequences (a `Dataset.map` function).
 
-    `code_version` is unused here; it only keys the datasets cache (see `_reward_code_version`).
+    `code_version` is unused here; it only keys the datasets cache (see `tokenize._code_version`).
     """
     if fmt.kind == "reward_pretokenized":
         chosen = _unpadded(row, "input_ids_chosen", "attention_mask_chosen", fmt.masks)
@@ -328,19 +325,6 @@ def _tokenize_row(row, *, fmt: RewardFormat, tokenizer, chat_template, code_vers
 def _unpadded(row, ids_column: str, mask_column: str, masks: bool) -> list[int]:
     ids = [int(t) for t in row[ids_column]]
     return ids[: _strip_trailing_zeros(row[mask_column])] if masks else ids
-
-
-def _reward_code_version() -> str:
-    """The paired code version plus this module's source: keys the datasets cache to the code that made it."""
-    global _REWARD_CODE_VERSION
-    if _REWARD_CODE_VERSION is None:
-        digest = hashlib.sha256(_code_version().encode())
-        digest.update(inspect.getsource(sys.modules[__name__]).encode())
-        _REWARD_CODE_VERSION = digest.hexdigest()[:16]
-    return _REWARD_CODE_VERSION
-
-
-_REWARD_CODE_VERSION = None
 
 
 # --------------------------------------------------------------------------------------------------

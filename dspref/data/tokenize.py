@@ -14,6 +14,7 @@ prompt_ids + chosen_ids is exactly the tokenization of prompt + chosen.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -193,22 +194,20 @@ def _tokenize_source(source, fmt, tokenizer, limits, *, num_proc, chat_template)
     return mapped.remove_columns("truncated"), truncated
 
 
-def _code_version() -> str:
-    """Hash of this module's and formats.py's source. It goes into the map's fn_kwargs, hence into the cache
-    fingerprint: datasets hashes the mapped function but not the helpers it calls, so without it a change
-    to a helper would silently reuse stale cached tokens."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
-        from . import formats
+@functools.lru_cache(maxsize=None)
+def _code_version(*extra_modules: str) -> str:
+    """Hash of this module's and formats.py's source (plus ``extra_modules``, by name).
 
-        digest = hashlib.sha256()
-        for module in (formats, sys.modules[__name__]):
-            digest.update(inspect.getsource(module).encode())
-        _CODE_VERSION = digest.hexdigest()[:16]
-    return _CODE_VERSION
+    It goes into the map's fn_kwargs, hence into the cache fingerprint: datasets hashes the mapped
+    function but not the helpers it calls, so without it a change to a helper would silently reuse
+    stale cached tokens.
+    """
+    from . import formats
 
-
-_CODE_VERSION = None
+    digest = hashlib.sha256()
+    for module in (formats, sys.modules[__name__], *(sys.modules[m] for m in extra_modules)):
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()[:16]
 
 
 def _tokenize_row(row, index, *, source_name, fmt, tokenizer, limits, chat_template, code_version):

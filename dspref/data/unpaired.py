@@ -23,11 +23,8 @@ dataset, per chunk of `per_device_train_batch_size` consecutive rows, with the s
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import math
-import sys
 from dataclasses import dataclass
 
 import datasets
@@ -289,7 +286,7 @@ def _tokenize_sources(sources, formats, tokenizer, limits, *, num_proc, chat_tem
             limits=limits,
             chat_template=chat_template,
             keep_prompt_text=keep_prompt_text,
-            code_version=_unpaired_code_version(),
+            code_version=_code_version(__name__),
         )
         part, truncated = (_tokenize_paired_source if fmt.paired else _tokenize_unpaired_source)(
             source.dataset, kwargs, num_proc=num_proc
@@ -360,7 +357,7 @@ def _tokenize_paired_source(dataset, kwargs, *, num_proc):
 def _unpaired_row(row, index, *, source_name, fmt, tokenizer, limits, chat_template, keep_prompt_text, code_version):
     """One validated unpaired row -> tokenized, truncated row (a `Dataset.map` function).
 
-    `code_version` is unused here; it only keys the datasets cache (see `_unpaired_code_version`).
+    `code_version` is unused here; it only keys the datasets cache (see `tokenize._code_version`).
     """
     if fmt.kind == "unpaired_pretokenized":
         prompt, completion, column = row["prompt_ids"], row["completion_ids"], "completion_ids"
@@ -374,7 +371,7 @@ def _unpaired_row(row, index, *, source_name, fmt, tokenizer, limits, chat_templ
 def _paired_row(row, index, *, source_name, fmt, tokenizer, limits, chat_template, keep_prompt_text, code_version):
     """One validated paired row -> chosen_* and rejected_* tokenized, truncated columns (a `Dataset.map` function).
 
-    `code_version` is unused here; it only keys the datasets cache (see `_unpaired_code_version`).
+    `code_version` is unused here; it only keys the datasets cache (see `tokenize._code_version`).
     """
     if fmt.kind == "pretokenized":
         prompt, chosen, rejected = (row[c] for c in ID_COLUMNS)
@@ -444,19 +441,6 @@ def _prompt_text(prompt, completion, fmt: UnpairedFormat, tokenizer, chat_templa
     while n < min(len(alone), len(full)) and alone[n] == full[n]:
         n += 1
     return alone[:n]
-
-
-def _unpaired_code_version() -> str:
-    """The paired code version plus this module's source: keys the datasets cache to the code that made it."""
-    global _UNPAIRED_CODE_VERSION
-    if _UNPAIRED_CODE_VERSION is None:
-        digest = hashlib.sha256(_code_version().encode())
-        digest.update(inspect.getsource(sys.modules[__name__]).encode())
-        _UNPAIRED_CODE_VERSION = digest.hexdigest()[:16]
-    return _UNPAIRED_CODE_VERSION
-
-
-_UNPAIRED_CODE_VERSION = None
 
 
 # --------------------------------------------------------------------------------------------------

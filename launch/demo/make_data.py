@@ -31,7 +31,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 
 SEED = 1234
 N_TRAIN = 3000
