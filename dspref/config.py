@@ -272,10 +272,13 @@ class ReferenceConfig(TrainConfig):
                                   "reference")
     ref_load_in_4bit: bool = _opt(False, "Load the reference quantized to 4 bits (NF4) with bitsandbytes.",
                                   "reference")
-    model_adapter_name: Optional[str] = _opt(None, "With peft_config: name of the trained adapter.",
-                                             "reference")
+    model_adapter_name: Optional[str] = _opt(None, "With peft_config: name of the trained adapter (default: "
+                                             "'default').", "reference")
     ref_adapter_name: Optional[str] = _opt(None, "With peft_config: a named adapter to use as the reference "
-                                           "instead of disabling the adapter.", "reference")
+                                           "instead of disabling the adapter; loaded frozen from "
+                                           "ref_adapter_path.", "reference")
+    ref_adapter_path: Optional[str] = _opt(None, "Folder of a saved LoRA adapter (adapter_config.json + weights) "
+                                           "loaded as ref_adapter_name.", "reference")
     precompute_ref_log_probs: bool = _opt(False, "Compute the reference's log-probs in one pass before "
                                           "training and cache them on disk, so no reference model is held "
                                           "during training.", "reference")
@@ -296,6 +299,9 @@ class ReferenceConfig(TrainConfig):
                  "ref_offload needs ZeRO-3 for the reference; drop ref_zero_stage 0")
         _require(not (self.ref_adapter_name and not self.peft_config),
                  "ref_adapter_name needs peft_config (a LoRA policy)")
+        _require(bool(self.ref_adapter_name) == bool(self.ref_adapter_path),
+                 "ref_adapter_name and ref_adapter_path go together: the named reference adapter is loaded from "
+                 "that folder")
         # A live engine's placement means nothing when no reference is held during training.
         _require(not (self.precompute_ref_log_probs and (self.ref_offload or self.ref_zero_stage is not None)),
                  "precompute_ref_log_probs holds no reference during training, so ref_offload / ref_zero_stage "

@@ -103,7 +103,8 @@ def load_model(path: str, *, kind: str, ds_config: dict, random_init: bool, init
         return auto.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides, **(init_kwargs or {}))
 
 
-def apply_peft(model: nn.Module, peft_config: dict, *, kind: str) -> nn.Module:
+def apply_peft(model: nn.Module, peft_config: dict, *, kind: str, adapter_name: str | None = None,
+               ref_adapter: tuple[str, str] | None = None) -> nn.Module:
     """Wrap ``model`` with a trainable LoRA adapter (base weights frozen).
 
     Adapters are kept in the base model's dtype (``autocast_adapter_dtype=False``): ZeRO-3's
@@ -114,7 +115,16 @@ def apply_peft(model: nn.Module, peft_config: dict, *, kind: str) -> nn.Module:
 
     task_type = "CAUSAL_LM" if kind == "causal-lm" else "SEQ_CLS"
     lora = LoraConfig(task_type=task_type, **peft_config)
-    return get_peft_model(model, lora, autocast_adapter_dtype=False)
+    name = adapter_name or "default"
+    model = get_peft_model(model, lora, adapter_name=name, autocast_adapter_dtype=False)
+    if ref_adapter is not None:  # (name, folder): a frozen second adapter the reference switches to
+        ref_name, ref_path = ref_adapter
+        model.load_adapter(ref_path, adapter_name=ref_name, is_trainable=False, autocast_adapter_dtype=False)
+        model.set_adapter(name)
+        for n, p in model.named_parameters():
+            if f".{ref_name}." in n:
+                p.requires_grad_(False)
+    return model
 
 
 def prepare_model(model: nn.Module, *, gradient_checkpointing: bool, disable_dropout: bool) -> None:

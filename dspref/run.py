@@ -22,7 +22,7 @@ import torch
 
 from dspref import checkpoint as ckpt
 from dspref import engine as eng
-from dspref.config import ConfigError, config_to_dict, parse_args, save_config
+from dspref.config import ConfigError, ReferenceConfig, config_to_dict, parse_args, save_config
 from dspref.data.formats import DataError
 from dspref.dsconfig import DSConfigError, load_ds_config, num_warmup_steps, resolve_ds_config
 from dspref.loop import NonFiniteLossError
@@ -111,7 +111,10 @@ def train(cfg, explicit: set[str]) -> RunResult:
                            trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, pad_token_id=pad_id)
     eng.prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
     if cfg.peft_config:
-        model = eng.apply_peft(model, cfg.peft_config, kind=objective.model_kind)
+        has_ref = isinstance(cfg, ReferenceConfig)
+        ref_adapter = (cfg.ref_adapter_name, cfg.ref_adapter_path) if has_ref and cfg.ref_adapter_name else None
+        model = eng.apply_peft(model, cfg.peft_config, kind=objective.model_kind,
+                               adapter_name=cfg.model_adapter_name if has_ref else None, ref_adapter=ref_adapter)
     engine = eng.Engine(make_scorer(model, objective.model_kind, cfg.logits_chunk_size), ds_config,
                         optimizer_factory=lambda params: _adamw(cfg, params),
                         scheduler_factory=lambda opt: _scheduler(cfg, opt, settings.total_steps))

@@ -72,3 +72,29 @@ def test_bco_delta_continues_exactly_after_resume(tmp_path, small_data):
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
         assert y["delta"] == pytest.approx(x["delta"], abs=1e-9) and y["loss"] == pytest.approx(x["loss"], abs=1e-6)
+
+
+def test_named_reference_adapter(tmp_path, small_data, saved_base):
+    """ref_adapter_name: the reference is a second, frozen adapter loaded from ref_adapter_path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    ref = get_peft_model(AutoModelForCausalLM.from_pretrained(saved_base),
+                         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    ref.save_pretrained(tmp_path / "ref-adapter")  # random B: unlike the base, so rewards start non-zero
+    out = tmp_path / "o"
+    args = base_args(out, small_data[0], method="kto", model_name_or_path=saved_base, random_init="false",
+                     peft_config="{r: 4, lora_alpha: 8, target_modules: all-linear}", max_steps=2,
+                     ref_adapter_name="frozen_ref", ref_adapter_path=tmp_path / "ref-adapter")
+    assert main(args) == 0
+    first = [r for r in read_metrics(out) if "loss" in r][0]
+    assert any(abs(first.get(k, 0.0)) > 1e-4 for k in ("rewards/chosen", "rewards/rejected"))
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["r"] == 4
+    from safetensors.torch import load_file
+
+    before = load_file(tmp_path / "ref-adapter" / "adapter_model.safetensors")
+    after = load_file(out / "frozen_ref" / "adapter_model.safetensors")  # PEFT saves extra adapters in subfolders
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
