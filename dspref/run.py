@@ -81,7 +81,7 @@ def train(cfg, explicit: set[str]) -> RunResult:
     rank, _, world = eng.init_distributed()
     _setup_logging(rank)
     _set_seed(cfg.seed)
-    resume_path = _prepare_output_dir(cfg, rank)
+    resume_path, replaced = _prepare_output_dir(cfg)
     ds_raw = load_ds_config(cfg.ds_config) if cfg.ds_config else _missing_ds_config()
     _check_local_path(cfg.model_name_or_path, "model_name_or_path")
     _check_local_path(cfg.tokenizer_name_or_path, "tokenizer_name_or_path")
@@ -99,6 +99,7 @@ def train(cfg, explicit: set[str]) -> RunResult:
     settings = _loop_settings(cfg, len(train_ds), world)
     ds_config = resolve_ds_config(ds_raw, cfg, explicit, world_size=world, num_training_steps=settings.total_steps,
                                   on_cpu=_on_cpu(), hidden_size=hidden)
+    _clear_replaced_run(cfg.output_dir, replaced, rank)  # only now that every input check has passed
     if rank == 0:
         save_config(cfg, os.path.join(cfg.output_dir, "dspref_config.yaml"))
         _write_json(os.path.join(cfg.output_dir, "ds_config.json"), ds_config)
@@ -155,8 +156,12 @@ def train(cfg, explicit: set[str]) -> RunResult:
 
 
 # --------------------------------------------------------------------------- set-up pieces
-def _prepare_output_dir(cfg, rank: int) -> str | None:
-    """Create ``output_dir``; refuse one that holds another run; return the checkpoint to resume."""
+def _prepare_output_dir(cfg) -> tuple[str | None, list[str]]:
+    """Create ``output_dir``; refuse one that holds another run.
+
+    Returns the checkpoint to resume and, with ``overwrite_output_dir``, the old run's entries to
+    remove once all inputs are known good (a bad recipe never costs the old run).
+    """
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
     except OSError as e:
@@ -169,16 +174,32 @@ def _prepare_output_dir(cfg, rank: int) -> str | None:
                 f"output_dir {cfg.output_dir!r} already holds a run ({', '.join(traces[:3])}); pass "
                 f"--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, "
                 f"or choose another output_dir")
-        eng.barrier()
-        if rank == 0:
-            for name in traces:
-                path = os.path.join(cfg.output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        eng.barrier()
     if cfg.resume_from_checkpoint and not resume_path:
         log.warning("resume_from_checkpoint=%s: no checkpoint in %s yet; starting from step 0",
                     cfg.resume_from_checkpoint, cfg.output_dir)
-    return resume_path
+    replaced = _run_files(cfg.output_dir) if traces and not cfg.resume_from_checkpoint else []
+    return resume_path, replaced
+
+
+# What a run writes into output_dir (removed, with overwrite_output_dir, before a new run writes its own).
+_EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                 "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja", "README.md", "ds_config.json", "wandb_run_id")
+
+
+def _run_files(output_dir: str) -> list[str]:
+    names = os.listdir(output_dir)
+    return sorted(n for n in names if n in _EXPORT_FILES or n in _run_traces(output_dir)
+                  or n.startswith(("model-", ".tmp-")))
+
+
+def _clear_replaced_run(output_dir: str, names: list[str], rank: int) -> None:
+    eng.barrier()
+    if rank == 0:
+        for name in names:
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    eng.barrier()
 
 
 def _run_traces(output_dir: str) -> list[str]:

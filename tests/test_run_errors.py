@@ -168,3 +168,15 @@ def test_nan_loss_stops_before_the_update(tmp_path, small_data, capsys, monkeypa
     assert line.startswith("dspref: error: loss is nan at step 3; stopped before applying it.")
     assert "last complete checkpoint is" in line and "checkpoint-2" in line
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_recipe_is_bad(tmp_path, small_data, capsys, no_model_load):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / "model.safetensors").write_bytes(b"old weights")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "", "rejected": "r"}])
+    status, cap = run_main(base_args(out, bad, overwrite_output_dir="true"), capsys)
+    assert status == 2 and "empty" in error_line(cap)
+    assert (out / "model.safetensors").read_bytes() == b"old weights"  # nothing removed before inputs passed
+    assert (out / "metrics.jsonl").exists()
