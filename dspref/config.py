@@ -105,6 +105,10 @@ class TrainConfig:
                                     "model")
     logits_chunk_size: int = _opt(1024, "Completion positions per chunk when log-probs are computed from the "
                                   "last hidden states; bounds the memory taken by the logits.", "model")
+    router_aux_loss_coef: Optional[float] = _opt(None, "Weight of the MoE router load-balancing loss added to "
+                                                 "the policy's loss (logged as aux_loss) for models whose config "
+                                                 "has output_router_logits. None: the model config's "
+                                                 "router_aux_loss_coef, else 0.001; 0 turns it off.", "model")
 
     # --- data ---
     train_file: Optional[Union[str, list[str]]] = _opt(None, "Local training data: a JSON/JSONL/Parquet file "
@@ -424,6 +428,8 @@ def _check_model(cfg: TrainConfig) -> None:
         cfg.tokenizer_name_or_path = cfg.model_name_or_path
     _require(not (cfg.bf16 and cfg.fp16), "bf16 and fp16 are both true; enable at most one")
     _require(cfg.logits_chunk_size >= 1, f"logits_chunk_size must be >= 1, got {cfg.logits_chunk_size}")
+    _require(cfg.router_aux_loss_coef is None or cfg.router_aux_loss_coef >= 0,
+             f"router_aux_loss_coef must be >= 0 (0 turns it off), got {cfg.router_aux_loss_coef}")
     if cfg.model_init_kwargs is not None:
         bad = [k for k in cfg.model_init_kwargs if not isinstance(k, str)]
         _require(not bad, f"model_init_kwargs keys must be strings, got {bad}")

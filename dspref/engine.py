@@ -141,6 +141,40 @@ def prepare_model(model: nn.Module, *, gradient_checkpointing: bool, disable_dro
         model.config.use_cache = False
 
 
+# --------------------------------------------------------------------------- MoE under ZeRO-3
+def moe_leaf_classes(model: nn.Module) -> list[type]:
+    """Classes of the MoE blocks whose experts are separate modules (an ``experts`` ``ModuleList``).
+
+    A token may skip such an expert, so ranks would disagree on which experts' parameters they
+    gather (ZeRO-3 then hangs in the collectives: DeepSpeed PR 4966). Fused experts (one module
+    with 3-D weights, as transformers' Mixtral / Qwen-MoE implement them) are gathered whole on
+    every call and need nothing.
+    """
+    classes: list[type] = []
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.ModuleList) and len(experts) > 1 and type(module) not in classes:
+            classes.append(type(module))
+    return classes
+
+
+def mark_moe_leaf_modules(model: nn.Module, ds_config: dict) -> list[str]:
+    """Under ZeRO-3, make each MoE block with per-expert modules a ZeRO-3 leaf (its parameters are
+    gathered together whenever the block runs, whichever experts its tokens pick). Must run before
+    ``deepspeed.initialize``. Returns the marked class names (empty below stage 3 or for dense models)."""
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        return []
+    classes = moe_leaf_classes(model)
+    if not classes:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, classes)
+    names = [c.__name__ for c in classes]
+    log.info("ZeRO-3 leaf modules (MoE blocks with per-expert modules): %s", ", ".join(names))
+    return names
+
+
 # --------------------------------------------------------------------------- engine
 class Engine:
     """A DeepSpeed training engine around a :class:`~dspref.logps.SequenceScorer`."""
@@ -154,6 +188,7 @@ class Engine:
         scheduler = None
         if "scheduler" not in ds_config and scheduler_factory is not None:
             scheduler = scheduler_factory
+        mark_moe_leaf_modules(scorer, ds_config)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=scorer,
             model_parameters=[p for p in scorer.parameters() if p.requires_grad],
@@ -246,6 +281,7 @@ class InferenceEngine:
 
         for p in scorer.parameters():
             p.requires_grad_(False)
+        mark_moe_leaf_modules(scorer, ds_config)
         self.ds = deepspeed.initialize(model=scorer, config=ds_config)[0]
         self.ds.eval()
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -311,5 +347,5 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "Engine", "InferenceEngine", "copy_parameters", "init_distributed", "load_model", "apply_peft", "prepare_model", "zero3_construction",
-    "eval_mode", "barrier", "all_reduce_sum", "all_reduce_max", "device",
+    "eval_mode", "barrier", "mark_moe_leaf_modules", "moe_leaf_classes", "all_reduce_sum", "all_reduce_max", "device",
 ]

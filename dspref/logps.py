@@ -16,6 +16,9 @@ with fewer completion tokens run zero-weighted filler chunks.
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,26 +35,41 @@ class SequenceScorer(nn.Module):
     - ``logps``        (N,) summed log-probs of the completion tokens
     - ``token_counts`` (N,) number of completion tokens
     - ``logits_sum``   (N,) Σ over completion positions of the vocab-mean logit (detached; for metrics)
+    - ``aux_loss``     0-d MoE router load-balancing loss; only with ``router_aux=True`` on an MoE model
+
+    ``router_aux`` is for the policy only: a reference scorer never computes an aux loss.
+    ``aux_row_mask`` (N,) bool in ``forward`` keeps rows out of the aux loss (KTO's KL rows).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, *, router_aux: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.router_aux = router_aux
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None):
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, aux_row_mask=None):
         return score_sequences(
             self.model, input_ids, attention_mask, completion_mask,
-            chunk_size=self.chunk_size, position_ids=position_ids,
+            chunk_size=self.chunk_size, position_ids=position_ids, router_aux=self.router_aux,
+            aux_row_mask=aux_row_mask,
         )
 
 
-def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_size=1024, position_ids=None):
-    """Per-sequence summed completion log-probs of ``model`` without full logits (see module doc)."""
+def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_size=1024, position_ids=None,
+                    router_aux=False, aux_row_mask=None):
+    """Per-sequence summed completion log-probs of ``model`` without full logits (see module doc).
+
+    With ``router_aux`` and an MoE model (see :func:`moe_aux_spec`) the backbone also returns its
+    router logits and the result carries ``aux_loss``, the family's load-balancing loss over the
+    non-padding tokens of the rows ``aux_row_mask`` keeps (all rows when it is None).
+    """
     backbone, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-    ).last_hidden_state  # (N, T, H)
+    spec = moe_aux_spec(model) if router_aux else None
+    extra = {"output_router_logits": True} if spec is not None else {}
+    out = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra,
+    )
+    hidden = out.last_hidden_state  # (N, T, H)
     # Position t predicts token t+1: keep only the positions whose target is a completion token.
     target_mask = completion_mask[:, 1:].bool()  # (N, T-1)
     states = hidden[:, :-1][target_mask]  # (M, H)
@@ -69,7 +87,71 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
     logps = logps + filler  # exact zero; keeps filler chunks (if any) in the backward graph
     logits_sum = hidden.new_zeros(n, dtype=torch.float32).index_add(0, seq_index, token_logit_means)
     token_counts = target_mask.sum(dim=1)
-    return {"logps": logps, "token_counts": token_counts, "logits_sum": logits_sum}
+    result = {"logps": logps, "token_counts": token_counts, "logits_sum": logits_sum}
+    if spec is not None:
+        result["aux_loss"] = spec.loss(out.router_logits, attention_mask, aux_row_mask)
+    return result
+
+
+@dataclass(frozen=True)
+class MoeAuxSpec:
+    """How an MoE family computes its router load-balancing loss (``transformers``' own function)."""
+
+    func: Callable  # load_balancing_loss_func(gate_logits, num_experts, top_k, attention_mask)
+    num_experts: int
+    top_k: int
+
+    def loss(self, router_logits, attention_mask, row_mask=None) -> torch.Tensor:
+        """0-d float32 aux loss; padding (``attention_mask`` 0) and rows with ``row_mask`` False excluded."""
+        if router_logits is None or (isinstance(router_logits, (tuple, list)) and len(router_logits) == 0):
+            raise RuntimeError("the MoE backbone returned no router logits although output_router_logits=True "
+                               "was passed; this model cannot compute the router aux loss (set "
+                               "router_aux_loss_coef: 0)")
+        logits = tuple(router_logits)
+        mask = attention_mask
+        if mask is None and row_mask is not None:  # (N, T) all ones: each layer's logits are (N·T, E)
+            mask = torch.ones(row_mask.shape[0], logits[0].shape[0] // row_mask.shape[0], device=logits[0].device)
+        if row_mask is not None:
+            mask = mask * row_mask.to(mask.device, mask.dtype).reshape(-1, 1)
+        aux = self.func(logits, self.num_experts, self.top_k, mask)
+        if not isinstance(aux, torch.Tensor):  # the function returns 0 when it got no logits
+            aux = logits[0].new_zeros(())
+        return aux.float().reshape(())
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or ``model`` itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def is_moe(model_or_config) -> bool:
+    """Whether the (text) config declares ``output_router_logits``: the mark of a router-based MoE model."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return hasattr(text, "output_router_logits")
+
+
+def moe_aux_spec(model: nn.Module) -> Optional[MoeAuxSpec]:
+    """The model family's ``load_balancing_loss_func`` with its expert count and top-k; None for a dense model.
+
+    The function comes from the model's own modelling module (Mixtral's as a fallback, the same
+    Switch-Transformer loss that the other families copy).
+    """
+    hf = _hf_model(model)
+    if not is_moe(hf):
+        return None
+    config = hf.config.get_text_config()
+    num_experts = next((getattr(config, k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                        if getattr(config, k, None)), None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not num_experts or not top_k:
+        raise ValueError(f"{type(hf).__name__}: the config has output_router_logits but no expert count / "
+                         f"num_experts_per_tok; set router_aux_loss_coef: 0 to train it without the aux loss")
+    func = getattr(sys.modules.get(type(hf).__module__), "load_balancing_loss_func", None)
+    if func is None:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as func
+    return MoeAuxSpec(func=func, num_experts=int(num_experts), top_k=int(top_k))
 
 
 def _chunked_token_logps(head, states, targets, chunk_size, softcap, anchor):
@@ -134,21 +216,66 @@ class RewardScorer(nn.Module):
     ``config.pad_token_id``), so left and right padding give the same score. When the pad token
     is the EOS token (a tokenizer without a pad token), the appended EOS counts as padding and the
     score is read at the token before it, exactly as in TRL.
+
+    With ``router_aux=True`` on an MoE classifier the result also carries ``aux_loss``: the
+    classifier's own ``aux_loss`` output when it has one, else the family's load-balancing loss
+    over the router logits its base model returns (captured with a forward hook, since the
+    generic classification heads drop them), padding excluded.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, router_aux: bool = False):
         super().__init__()
         self.model = model
+        self.router_aux = router_aux
 
     def forward(self, input_ids, attention_mask):
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, 1)
-        return {"rewards": logits.squeeze(-1).float()}
+        spec = moe_aux_spec(self.model) if self.router_aux else None
+        if spec is None:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, 1)
+            return {"rewards": logits.squeeze(-1).float()}
+        hf = _hf_model(self.model)
+        base = getattr(hf, getattr(hf, "base_model_prefix", "model"), None)
+        captured = {}
+        handle = None
+        if isinstance(base, nn.Module) and base is not hf:
+            handle = base.register_forward_hook(
+                lambda _m, _a, output: captured.__setitem__("router_logits", getattr(output, "router_logits", None)))
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             output_router_logits=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        own = getattr(out, "aux_loss", None)
+        if own is not None:
+            aux = own.float().reshape(()) if isinstance(own, torch.Tensor) else out.logits.new_zeros((), dtype=torch.float32)
+        else:
+            router_logits = getattr(out, "router_logits", None)
+            aux = spec.loss(router_logits if router_logits is not None else captured.get("router_logits"),
+                            attention_mask)
+        return {"rewards": out.logits.squeeze(-1).float(), "aux_loss": aux}
 
 
-def make_scorer(model: nn.Module, kind: str, chunk_size: int) -> nn.Module:
-    """The scoring module an engine wraps: completion log-probs (causal LM) or rewards (classifier)."""
+def make_scorer(model: nn.Module, kind: str, chunk_size: int, *, router_aux: bool = False) -> nn.Module:
+    """The scoring module an engine wraps: completion log-probs (causal LM) or rewards (classifier).
+
+    ``router_aux`` (the policy's, never a reference's): also return the MoE router aux loss.
+    """
     if kind == "causal-lm":
-        return SequenceScorer(model, chunk_size)
+        return SequenceScorer(model, chunk_size, router_aux=router_aux)
     if kind == "sequence-classification":
-        return RewardScorer(model)
+        return RewardScorer(model, router_aux=router_aux)
     raise ValueError(f"unknown model kind {kind!r}")
+
+
+def resolve_router_aux_coef(coef: Optional[float], model_or_config) -> float:
+    """The aux-loss weight a run uses: 0 for a dense model; else ``coef``, or the model config's
+    ``router_aux_loss_coef``, or 0.001 (TRL's default). Read from the unwrapped model's config."""
+    config = getattr(_hf_model(model_or_config), "config", model_or_config)
+    if not is_moe(config):
+        return 0.0
+    if coef is not None:
+        return float(coef)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    own = getattr(text, "router_aux_loss_coef", None)
+    return float(own) if own is not None else 0.001

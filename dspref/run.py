@@ -104,7 +104,10 @@ def train(cfg, explicit: set[str]) -> RunResult:
         save_config(cfg, os.path.join(cfg.output_dir, "dspref_config.yaml"))
         _write_json(os.path.join(cfg.output_dir, "ds_config.json"), ds_config)
 
-    from dspref.logps import make_scorer
+    from dspref.logps import make_scorer, resolve_router_aux_coef
+
+    # MoE router aux loss: the coefficient comes from the unwrapped config (TRL issue 2197); 0 for dense models.
+    objective.router_aux_loss_coef = resolve_router_aux_coef(cfg.router_aux_loss_coef, model_config)
 
     pad_id = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
     model = eng.load_model(cfg.model_name_or_path, kind=objective.model_kind, ds_config=ds_config,
@@ -116,7 +119,8 @@ def train(cfg, explicit: set[str]) -> RunResult:
         ref_adapter = (cfg.ref_adapter_name, cfg.ref_adapter_path) if has_ref and cfg.ref_adapter_name else None
         model = eng.apply_peft(model, cfg.peft_config, kind=objective.model_kind,
                                adapter_name=cfg.model_adapter_name if has_ref else None, ref_adapter=ref_adapter)
-    engine = eng.Engine(make_scorer(model, objective.model_kind, cfg.logits_chunk_size), ds_config,
+    engine = eng.Engine(make_scorer(model, objective.model_kind, cfg.logits_chunk_size,
+                                    router_aux=objective.router_aux_loss_coef > 0), ds_config,
                         optimizer_factory=lambda params: _adamw(cfg, params),
                         scheduler_factory=lambda opt: _scheduler(cfg, opt, settings.total_steps))
     collate = objective.collator(pad_id)

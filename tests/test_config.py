@@ -30,7 +30,7 @@ EXPECTED_DEFAULTS = {
     "logging_steps": 10, "eval_steps": None, "eval_on_start": True, "save_steps": 500, "save_total_limit": None,
     "stop_after_steps": None, "seed": 42, "report_to": ["none"], "run_name": None, "wandb_project": "dspref",
     "gradient_checkpointing": False, "bf16": None, "fp16": None, "disable_dropout": True,
-    "generate_during_eval": False, "logits_chunk_size": 1024, "local_rank": -1,
+    "generate_during_eval": False, "logits_chunk_size": 1024, "router_aux_loss_coef": None, "local_rank": -1,
     "peft_config": None, "merge_peft_adapter": False,
     "beta": 0.1, "label_smoothing": 0.0, "loss_type": "sigmoid", "cpo_alpha": 1.0, "simpo_gamma": 0.5,
 }

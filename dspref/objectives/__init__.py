@@ -21,6 +21,7 @@ class Objective(Protocol):
     model_kind: str  # "causal-lm" or "sequence-classification": which model and scorer the run builds
     data_kind: str  # "paired", "reward" or "unpaired": which dataset builder prepares the rows
     headline_metrics: tuple[str, ...]  # the metrics a run's summary leads with
+    router_aux_loss_coef: float  # weight of the policy's MoE router aux loss (set by run.py; 0 = off)
     metric_reductions: dict[str, str]  # name -> "pooled" | "total" (default: mean of micro-batch means)
     derived_metrics: dict[str, tuple[str, str]]  # name -> (a, b): logged as a − b when both are present
 
@@ -47,6 +48,8 @@ class Objective(Protocol):
 class Stateless:
     """Mixin for objectives that carry no state across steps."""
 
+    router_aux_loss_coef: float = 0.0
+
     def state_dict(self) -> dict:
         return {}
 
@@ -72,6 +75,21 @@ def mean_metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def scalar_metric(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A per-micro-batch scalar metric (averaged over ranks and micro-batches)."""
     return value.detach().float(), torch.ones((), device=value.device)
+
+
+def add_router_aux(loss: torch.Tensor, scores: dict, coef: float, metrics: Metrics) -> torch.Tensor:
+    """``loss + coef · aux_loss`` when the policy's scores carry an MoE router aux loss (metric ``aux_loss``).
+
+    The one place every method adds it: the scorer computes ``aux_loss`` only for an MoE policy
+    (never for a reference), so a dense model's loss and metrics are untouched.
+    """
+    aux = scores.get("aux_loss")
+    if aux is None:
+        return loss
+    metrics["aux_loss"] = scalar_metric(aux)
+    if coef:
+        loss = loss + coef * aux.to(device=loss.device, dtype=loss.dtype)
+    return loss
 
 
 def build_objective(cfg) -> Objective:

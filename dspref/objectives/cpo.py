@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dspref.losses import cpo_loss, token_mean_nll
-from dspref.objectives import Metrics, Stateless, mean_metric, scalar_metric
+from dspref.objectives import Metrics, Stateless, add_router_aux, mean_metric, scalar_metric
 
 # ipo and simpo compare length-averaged log-probs; sigmoid and hinge compare sums (TRL's rule).
 _AVERAGED = ("ipo", "simpo")
@@ -67,4 +67,4 @@ class CPOObjective(Stateless):
             "logits/rejected": (logits_rejected.sum(), rejected_counts.sum().float()),
             "nll_loss": scalar_metric(nll),
         }
-        return loss, metrics
+        return add_router_aux(loss, scores, self.router_aux_loss_coef, metrics), metrics

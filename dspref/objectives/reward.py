@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dspref.losses import reward_loss
-from dspref.objectives import Metrics, Stateless, mean_metric
+from dspref.objectives import Metrics, Stateless, add_router_aux, mean_metric
 
 
 class RewardObjective(Stateless):
@@ -27,7 +27,8 @@ class RewardObjective(Stateless):
         return RewardCollator(pad_token_id)
 
     def compute(self, policy, batch: dict, *, train: bool) -> tuple[torch.Tensor, Metrics]:
-        rewards = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["rewards"]  # (2B,)
+        scores = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        rewards = scores["rewards"]  # (2B,)
         chosen, rejected = rewards.chunk(2)  # (B,) each: the collator stacks [chosen; rejected]
         margin = batch.get("margin")
         if margin is not None:
@@ -40,4 +41,4 @@ class RewardObjective(Stateless):
             "rewards/chosen": mean_metric(chosen),
             "rewards/rejected": mean_metric(rejected),
         }
-        return losses.mean(), metrics
+        return add_router_aux(losses.mean(), scores, self.router_aux_loss_coef, metrics), metrics

@@ -14,7 +14,7 @@ import torch
 
 from dspref import engine as eng
 from dspref.losses import bco_loss, kto_loss
-from dspref.objectives import Metrics, Stateless, scalar_metric
+from dspref.objectives import Metrics, Stateless, add_router_aux, scalar_metric
 
 log = logging.getLogger("dspref")
 
@@ -56,10 +56,18 @@ class _Unpaired(Stateless):
 
         return UnpairedCollator(pad_token_id, with_kl=self.with_kl, max_length=self.max_length)
 
-    def _score(self, policy, batch):
-        """Policy scores (with grad) and reference log-probs (no grad) of every row of the batch."""
+    def _score(self, policy, batch, aux_rows: int | None = None):
+        """Policy scores (with grad) and reference log-probs (no grad) of every row of the batch.
+
+        ``aux_rows``: only the first rows count in the policy's MoE router aux loss (KTO's KL rows don't).
+        """
+        extra = {}
+        if aux_rows is not None:
+            row_mask = torch.zeros(batch["input_ids"].shape[0], dtype=torch.bool)
+            row_mask[:aux_rows] = True
+            extra["aux_row_mask"] = row_mask
         scores = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        completion_mask=batch["completion_mask"])
+                        completion_mask=batch["completion_mask"], **extra)
         ref = self.reference.logps(batch).to(scores["logps"].device).float()
         return scores, ref
 
@@ -77,7 +85,8 @@ class KTOObjective(_Unpaired):
     def compute(self, policy, batch: dict, *, train: bool):
         desirable = batch["label"].to(torch.bool)  # (B,)
         b = desirable.numel()
-        scores, ref = self._score(policy, batch)  # (N,) with N = 2B when KL rows follow the completions
+        # (N,) with N = 2B when KL rows follow the completions; those rows stay out of the aux loss
+        scores, ref = self._score(policy, batch, aux_rows=b if self.with_kl and self.router_aux_loss_coef else None)
         logps = scores["logps"]
         kl = torch.zeros((), device=logps.device)
         if self.with_kl:
@@ -90,7 +99,7 @@ class KTOObjective(_Unpaired):
                                       undesirable_weight=self.undesirable_weight)
         metrics = class_metrics(rewards, logps[:b], scores["logits_sum"][:b], scores["token_counts"][:b], desirable)
         metrics["kl"] = scalar_metric(kl)
-        return losses.mean(), metrics
+        return add_router_aux(losses.mean(), scores, self.router_aux_loss_coef, metrics), metrics
 
 
 class BCOObjective(_Unpaired):
@@ -198,7 +207,7 @@ class BCOObjective(_Unpaired):
         if weights is not None:
             undesirable = ~desirable.cpu()
             metrics["udm_weight"] = (weights[undesirable].float().sum(), undesirable.sum().float())
-        return losses.mean(), metrics
+        return add_router_aux(losses.mean(), scores, self.router_aux_loss_coef, metrics), metrics
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
