@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from reference_strategies import build_model  # noqa: E402  (the same model builder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, build_model, launch_train, write_results  # noqa: E402
 
 
 def write_rows(path: Path, n: int, length: int, seed: int = 0) -> None:
@@ -42,20 +39,14 @@ def write_rows(path: Path, n: int, length: int, seed: int = 0) -> None:
 
 def run(method, gc, model, data, out, steps, nprocs, length) -> dict:
     args = ["--method", method, "--model_name_or_path", str(model), "--train_file", str(data), "--ds_config",
-            str(ROOT / "ds_configs/zero3.json"), "--output_dir", str(out), "--per_device_train_batch_size", "8",
-            "--learning_rate", "1e-5", "--max_steps", str(steps), "--logging_steps", "1", "--max_length",
-            str(length + 16), "--save_steps", "100000", "--eval_on_start", "false", "--gradient_checkpointing",
-            "true" if gc else "false"]
+            str(ROOT / "ds_configs/zero3.json"), "--per_device_train_batch_size", "8", "--learning_rate", "1e-5",
+            "--max_steps", str(steps), "--logging_steps", "1", "--max_length", str(length + 16), "--save_steps",
+            "100000", "--eval_on_start", "false", "--gradient_checkpointing", "true" if gc else "false"]
     if method != "reward":
         args += ["--max_prompt_length", str(length)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DSPREF_CACHE=str(out.parent / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-                           "--master_port", "29788", str(ROOT / "launch/train.py")] + args, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"method": method, "gradient_checkpointing": gc, "error": proc.stderr[-600:]}
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, error = launch_train(args, out=out, nprocs=nprocs, cache=out.parent / "cache", port="29788")
+    if error:
+        return {"method": method, "gradient_checkpointing": gc, "error": error}
     train = [r for r in rows if "loss" in r][3:]
     return {"method": method, "gradient_checkpointing": gc,
             "tokens_per_second": sum(r["tokens_per_second"] for r in train) / max(len(train), 1),
@@ -90,14 +81,10 @@ def main() -> int:
         else:
             lines.append(f"| {r['method']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
                          f"{r['tokens_per_second']:.0f} | {r['peak_rss_gib']:.3f} | {r['peak_memory_gib']:.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gradient_checkpointing.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
-    (out / "gradient_checkpointing.md").write_text(
-        f"ZeRO-3, {a.nprocs} ranks, hidden {a.hidden}, {a.layers} layers, ~{a.length}-token sequences, micro-batch 8, "
-        f"{a.steps} steps (`python benchmarks/gradient_checkpointing.py --methods {a.methods}`)\n\n{table}\n")
+    write_results("gradient_checkpointing", table="\n".join(lines), payload={"args": vars(a), "results": results},
+                  title=f"ZeRO-3, {a.nprocs} ranks, hidden {a.hidden}, {a.layers} layers, ~{a.length}-token sequences, "
+                        f"micro-batch 8, {a.steps} steps (`python benchmarks/gradient_checkpointing.py --methods "
+                        f"{a.methods}`)")
     return 0
 
 

@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, build_model, launch_train, write_results  # noqa: E402
+
 LORA = "{r: 8, lora_alpha: 16, target_modules: all-linear}"
-
-
-def build_model(path: Path, hidden: int, layers: int) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(ROOT / "launch/demo/model", hidden_size=hidden, num_hidden_layers=layers,
-                                        intermediate_size=hidden * 11 // 4, num_attention_heads=8,
-                                        num_key_value_heads=8, head_dim=hidden // 8)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(ROOT / "launch/demo/model").save_pretrained(path)
 
 
 def strategies(model: Path) -> dict[str, list[str]]:
@@ -49,18 +37,13 @@ def strategies(model: Path) -> dict[str, list[str]]:
 def run(name, extra, model, out, steps, nprocs, cache) -> dict:
     args = ["--method", "kto", "--model_name_or_path", str(model), "--train_file",
             str(ROOT / "launch/demo/data/train.jsonl"), "--ds_config", str(ROOT / "ds_configs/zero3.json"),
-            "--output_dir", str(out), "--per_device_train_batch_size", "16", "--learning_rate", "1e-4",
-            "--max_steps", str(steps), "--logging_steps", "1", "--max_length", "64", "--max_prompt_length", "32",
-            "--save_steps", "100000", "--eval_on_start", "false"] + extra
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", DSPREF_CACHE=str(cache), PYTHONPATH=str(ROOT))
+            "--per_device_train_batch_size", "16", "--learning_rate", "1e-4", "--max_steps", str(steps),
+            "--logging_steps", "1", "--max_length", "64", "--max_prompt_length", "32", "--save_steps", "100000",
+            "--eval_on_start", "false"] + extra
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-                           "--master_port", "29777", str(ROOT / "launch/train.py")] + args, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"strategy": name, "error": proc.stderr[-800:]}
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows, error = launch_train(args, out=out, nprocs=nprocs, cache=cache, port="29777")
+    if error:
+        return {"strategy": name, "error": error}
     train = [r for r in rows if "loss" in r]
     tokens = sum(r["tokens_per_second"] for r in train[5:]) / max(len(train[5:]), 1)
     per_step = [1.0 / r["tokens_per_second"] for r in train[5:]]  # relative: tokens per step are equal across runs
@@ -94,14 +77,9 @@ def main() -> int:
         ratio = r["inverse_throughput"] / base["inverse_throughput"]
         lines.append(f"| {r['strategy']} | {r['tokens_per_second']:.0f} | {ratio:.2f}x | {r['peak_rss_gib']:.3f} | "
                      f"{r['peak_memory_gib']:.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reference_strategies.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
-    (out / "reference_strategies.md").write_text(
-        f"KTO, {a.nprocs} ranks, ZeRO-3 policy, hidden {a.hidden}, {a.layers} layers, {a.steps} steps "
-        f"(`python benchmarks/reference_strategies.py`)\n\n{table}\n")
+    write_results("reference_strategies", table="\n".join(lines), payload={"args": vars(a), "results": results},
+                  title=f"KTO, {a.nprocs} ranks, ZeRO-3 policy, hidden {a.hidden}, {a.layers} layers, {a.steps} steps "
+                        f"(`python benchmarks/reference_strategies.py`)")
     return 0
 
 

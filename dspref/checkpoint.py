@@ -61,7 +61,7 @@ def save_checkpoint(engine, output_dir: str, step: int, state: dict, *, save_tot
         if rank == 0:
             if tensors:
                 torch.save(tensors, os.path.join(tmp, TENSORS_FILE))
-            _write_json(os.path.join(tmp, STATE_FILE), state)
+            write_json(os.path.join(tmp, STATE_FILE), state)
     except Exception as e:  # disk full, permissions, ...: clean up, keep the previous checkpoint
         failed[0], error = 1, e
     if eng.all_reduce_max(failed).item():
@@ -175,7 +175,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
+    """JSON via a temporary file and ``os.replace``: readers never see a partial file."""
     _write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 

@@ -257,17 +257,6 @@ class Engine:
             return None
         return {k.removeprefix("model."): v.detach().cpu() for k, v in state.items()}
 
-    @contextmanager
-    def gathered_parameters(self):
-        """All parameters whole on every rank (for reading them, e.g. in tests); no-op below ZeRO-3."""
-        if self.zero_stage != 3:
-            yield
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.ds.module.parameters()), modifier_rank=None):
-            yield
-
 
 class InferenceEngine:
     """A DeepSpeed engine without an optimizer: the reference model, frozen, in eval mode.

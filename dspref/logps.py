@@ -47,11 +47,14 @@ class SequenceScorer(nn.Module):
         self.chunk_size = chunk_size
         self.router_aux = router_aux
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, aux_row_mask=None):
+    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, aux_row_mask=None,
+                router_aux=None):
+        # router_aux=False lets a caller borrow the policy's scorer without the aux loss (the
+        # adapter-disabled reference); None keeps the scorer's own setting.
         return score_sequences(
             self.model, input_ids, attention_mask, completion_mask,
-            chunk_size=self.chunk_size, position_ids=position_ids, router_aux=self.router_aux,
-            aux_row_mask=aux_row_mask,
+            chunk_size=self.chunk_size, position_ids=position_ids,
+            router_aux=self.router_aux if router_aux is None else router_aux, aux_row_mask=aux_row_mask,
         )
 
 

@@ -74,7 +74,7 @@ class AdapterReference:
     def logps(self, batch: dict) -> torch.Tensor:
         with torch.no_grad(), self._reference_weights():
             return self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               completion_mask=batch["completion_mask"])["logps"].detach()
+                               completion_mask=batch["completion_mask"], router_aux=False)["logps"].detach()
 
 
 def build_reference(cfg, *, policy_engine, policy_ds: dict, ref_ds_user: dict | None):

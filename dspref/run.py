@@ -102,7 +102,7 @@ def train(cfg, explicit: set[str]) -> RunResult:
     _clear_replaced_run(cfg.output_dir, replaced, rank)  # only now that every input check has passed
     if rank == 0:
         save_config(cfg, os.path.join(cfg.output_dir, "dspref_config.yaml"))
-        _write_json(os.path.join(cfg.output_dir, "ds_config.json"), ds_config)
+        ckpt.write_json(os.path.join(cfg.output_dir, "ds_config.json"), ds_config)
 
     from dspref.logps import make_scorer, resolve_router_aux_coef
 
@@ -484,15 +484,6 @@ def _setup_logging(rank: int) -> None:
     logging.getLogger("dspref").setLevel(level)
     for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    import json
-
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _load_hint(cfg, model_kind: str) -> str:
