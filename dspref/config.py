@@ -173,8 +173,20 @@ class TrainConfig:
     eval_steps: Optional[int] = _opt(None, "Evaluate every this many optimizer steps. None: only at the "
                                      "start (see eval_on_start) and at the end.", "logging")
     eval_on_start: bool = _opt(True, "Evaluate once before the first training step (a baseline).", "logging")
-    generate_during_eval: bool = _opt(False, "Generate completions during evaluation and log them (not "
-                                      "implemented yet; must stay false).", "logging")
+    generate_during_eval: bool = _opt(False, "At each eval, generate completions for a fixed sample of eval "
+                                      "prompts from the policy and the reference (where one is held) and write "
+                                      "them to output_dir/generations.jsonl and W&B (reward modeling: the "
+                                      "model's scores of sampled eval pairs).", "logging")
+    generation_num_prompts: int = _opt(4, "Eval prompts sampled (the same ones at every eval) when "
+                                       "generate_during_eval is on.", "logging")
+    generation_max_new_tokens: int = _opt(64, "Most tokens generated per completion during eval.", "logging")
+    generation_temperature: float = _opt(1.0, "Sampling temperature for generate_during_eval; 0 = greedy.",
+                                         "logging")
+    generation_top_p: float = _opt(1.0, "Nucleus sampling threshold for generate_during_eval (1.0 = off).",
+                                   "logging")
+    ds3_gather_for_generation: bool = _opt(True, "Under ZeRO-3, gather the whole model once for generation "
+                                           "(fast). false: generate with parameters gathered layer by layer, "
+                                           "for models too large for one device (slow).", "logging")
     save_steps: int = _opt(500, "Save a checkpoint every this many optimizer steps.", "logging")
     save_total_limit: Optional[int] = _opt(None, "Keep at most this many checkpoints, deleting the oldest. "
                                            "None: keep all.", "logging")
@@ -476,8 +488,14 @@ def _check_logging(cfg: TrainConfig) -> None:
     for name in ("eval_steps", "save_total_limit"):
         value = getattr(cfg, name)
         _require(value is None or value >= 1, f"{name} must be >= 1 or none, got {value}")
-    _require(not cfg.generate_during_eval,
-             "generate_during_eval is not implemented yet (tracked in issue #6); set it to false")
+    has_eval = bool(cfg.eval_file) or cfg.eval_dataset_split is not None or cfg.eval_split_ratio > 0
+    _require(not cfg.generate_during_eval or has_eval,
+             "generate_during_eval samples eval prompts, and there is no eval data: give eval_file, "
+             "eval_dataset_split or eval_split_ratio, or set generate_during_eval to false")
+    for name in ("generation_num_prompts", "generation_max_new_tokens"):
+        _require(getattr(cfg, name) >= 1, f"{name} must be >= 1, got {getattr(cfg, name)}")
+    _require(cfg.generation_temperature >= 0, f"generation_temperature must be >= 0, got {cfg.generation_temperature}")
+    _require(0.0 < cfg.generation_top_p <= 1.0, f"generation_top_p must be in (0, 1], got {cfg.generation_top_p}")
     cfg.report_to = [r.strip().lower() for r in cfg.report_to if r.strip()] or ["none"]
     bad = [r for r in cfg.report_to if r not in ("wandb", "none")]
     _require(not bad, f"report_to accepts wandb | none, got {bad}")

@@ -136,9 +136,28 @@ def prepare_model(model: nn.Module, *, gradient_checkpointing: bool, disable_dro
             if isinstance(getattr(module, "attention_dropout", None), float):
                 module.attention_dropout = 0.0
     if gradient_checkpointing:
-        # Non-reentrant: works with ZeRO-3's partitioned parameters and with frozen inputs.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model, True)
         model.config.use_cache = False
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Gradient (activation) checkpointing on or off; non-reentrant, which works with ZeRO-3's
+    partitioned parameters and with frozen inputs. transformers >= 5.2x names it
+    ``activation_checkpointing_*`` (the ``gradient_checkpointing_*`` names warn)."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    return bool(model.is_activation_checkpointing if flag is not None else
+                getattr(model, "is_gradient_checkpointing", False))
 
 
 # --------------------------------------------------------------------------- MoE under ZeRO-3
@@ -300,6 +319,60 @@ def copy_parameters(src: nn.Module, dst: nn.Module) -> None:
                     p_dst.data.copy_(p_src.data.to(p_dst.dtype))
 
 
+# --------------------------------------------------------------------------- generation
+@contextmanager
+def generation_model(engine, *, gather: bool):
+    """The Hugging Face model inside ``engine`` (an :class:`Engine` or :class:`InferenceEngine`), ready
+    to ``generate``: eval mode, no grad, gradient checkpointing off and the KV cache on. Yields
+    ``(model, synced_gpus)``; everything is restored on exit.
+
+    Under ZeRO-3 with ``gather`` the whole model is gathered once and DeepSpeed's per-module hooks are
+    lifted for the call (each decoding step would otherwise gather and release every layer again), so
+    ranks generate independently. Without ``gather`` the hooks gather layer by layer as in training
+    (for models too large to hold whole on one device); every forward is then a collective, so ranks
+    must step together: ``synced_gpus`` is true when there is more than one rank.
+    """
+    ds = engine.ds
+    model = ds.module.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was_training = ds.training
+    checkpointing = is_checkpointing(base)
+    use_cache = getattr(base.config, "use_cache", None)
+    zero3 = int(getattr(engine, "zero_stage", 0)) == 3
+    ds.eval()
+    if checkpointing:
+        set_checkpointing(base, False)
+    base.config.use_cache = True
+    try:
+        with torch.no_grad():
+            if zero3 and gather:
+                with _whole_model(ds):
+                    yield model, False
+            else:
+                yield model, zero3 and torch.distributed.get_world_size() > 1
+    finally:
+        base.config.use_cache = use_cache
+        if checkpointing:
+            set_checkpointing(base, True)
+        ds.train(was_training)
+
+
+@contextmanager
+def _whole_model(ds):
+    """ZeRO-3: every parameter gathered, and the engine's module hooks off, for the block."""
+    import deepspeed
+
+    offload = getattr(ds.optimizer, "parameter_offload", ds.optimizer)  # stage-3 optimizer, or the
+    with deepspeed.zero.GatheredParameters(list(ds.module.parameters())):  # offload object of an inference engine
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
 @contextmanager
 def eval_mode(engine: Engine):
     """``engine`` in eval mode without grad, back in train mode afterwards."""
@@ -336,5 +409,5 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "Engine", "InferenceEngine", "copy_parameters", "init_distributed", "load_model", "apply_peft", "prepare_model", "zero3_construction",
-    "eval_mode", "barrier", "mark_moe_leaf_modules", "moe_leaf_classes", "all_reduce_sum", "all_reduce_max", "device",
+    "eval_mode", "generation_model", "barrier", "mark_moe_leaf_modules", "moe_leaf_classes", "all_reduce_sum", "all_reduce_max", "device",
 ]

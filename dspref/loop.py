@@ -230,11 +230,12 @@ def _totals(objective) -> dict:
 
 # --------------------------------------------------------------------------- train
 def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracker, *, start_step: int = 0,
-          pairs=None) -> LoopResult:
+          pairs=None, generations=None) -> LoopResult:
     """Run optimizer steps ``start_step+1 .. s.total_steps`` (or until ``stop_after_steps``).
 
     ``pairs``: ``(dataset, collate)`` of paired eval rows for methods with a reference, whose
     held-out preference accuracy is evaluated beside the objective's own eval metrics.
+    ``generations``: ``step -> rows`` (:mod:`dspref.generate`), run after each eval and logged as a table.
     """
     rank = torch.distributed.get_rank()
     gas, per_epoch = s.gradient_accumulation_steps, s.micro_batches_per_epoch
@@ -249,6 +250,8 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
                 last_eval |= evaluate_pairs(engine, objective.reference, pairs[0], pairs[1], beta=objective.beta,
                                             batch_size=s.per_device_eval_batch_size)
             tracker.log({"step": at_step, **last_eval})
+            if generations is not None:
+                tracker.log_generations(at_step, generations(at_step))
 
     if step == 0 and s.eval_on_start:
         run_eval(0)

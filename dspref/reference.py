@@ -32,6 +32,11 @@ class EngineReference:
         return self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            completion_mask=batch["completion_mask"])["logps"]
 
+    def generation_model(self, *, gather: bool):
+        from dspref.engine import generation_model
+
+        return generation_model(self.engine, gather=gather)
+
 
 class ModuleReference:
     def __init__(self, scorer, device, description: str):
@@ -43,6 +48,12 @@ class ModuleReference:
         with torch.no_grad():
             return self.scorer(**{k: batch[k].to(self.device) for k in ("input_ids", "attention_mask",
                                                                         "completion_mask")})["logps"]
+
+    @contextmanager
+    def generation_model(self, *, gather: bool):
+        """A whole model on every rank: nothing to gather, no collectives."""
+        with torch.no_grad():
+            yield self.scorer.model, False
 
 
 class AdapterReference:
@@ -70,6 +81,13 @@ class AdapterReference:
         else:
             with model.disable_adapter():
                 yield
+
+    @contextmanager
+    def generation_model(self, *, gather: bool):
+        from dspref.engine import generation_model
+
+        with generation_model(self.policy, gather=gather) as handle, self._reference_weights():
+            yield handle
 
     def logps(self, batch: dict) -> torch.Tensor:
         with torch.no_grad(), self._reference_weights():

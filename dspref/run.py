@@ -26,7 +26,7 @@ from dspref.config import ConfigError, ReferenceConfig, config_to_dict, parse_ar
 from dspref.data.formats import DataError
 from dspref.dsconfig import DSConfigError, load_ds_config, num_warmup_steps, resolve_ds_config
 from dspref.loop import NonFiniteLossError
-from dspref.tracking import METRICS_FILE, NullTracker, Tracker, drop_rows_after
+from dspref.tracking import GENERATIONS_FILE, METRICS_FILE, NullTracker, Tracker, drop_rows_after
 
 log = logging.getLogger("dspref")
 
@@ -143,13 +143,16 @@ def train(cfg, explicit: set[str]) -> RunResult:
         log.info("resumed from %s at step %d", resume_path, start_step)
     objective.prepare(train_ds)  # BCO's UDM classifier: fitted once, or kept as loaded from the checkpoint
     if rank == 0:
-        drop_rows_after(os.path.join(cfg.output_dir, METRICS_FILE), start_step if start_step else -1)
+        for name in (METRICS_FILE, GENERATIONS_FILE):  # a resumed run logs the later rows again
+            drop_rows_after(os.path.join(cfg.output_dir, name), start_step if start_step else -1)
     tracker = _tracker(cfg, rank)
+    from dspref.generate import make_sampler
     from dspref.loop import train as train_loop
 
+    generations = make_sampler(cfg, objective, engine, eval_ds, collate, tokenizer)
     try:
         result = train_loop(engine, objective, train_ds, eval_ds, collate, settings, tracker, start_step=start_step,
-                            pairs=pairs)
+                            pairs=pairs, generations=generations)
         if not result.stopped_early:
             ckpt.export_model(engine, tokenizer, cfg.output_dir, merge_adapter=cfg.merge_peft_adapter)
     finally:
@@ -208,7 +211,7 @@ def _clear_replaced_run(output_dir: str, names: list[str], rank: int) -> None:
 
 def _run_traces(output_dir: str) -> list[str]:
     names = sorted(os.listdir(output_dir))
-    marks = {METRICS_FILE, "dspref_config.yaml", ckpt.LATEST, "model.safetensors"}
+    marks = {METRICS_FILE, GENERATIONS_FILE, "dspref_config.yaml", ckpt.LATEST, "model.safetensors"}
     return [n for n in names if n in marks or n.startswith("checkpoint-")]
 
 

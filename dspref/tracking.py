@@ -16,6 +16,7 @@ log = logging.getLogger("dspref")
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
+GENERATIONS_FILE = "generations.jsonl"
 
 
 class NullTracker:
@@ -25,6 +26,9 @@ class NullTracker:
         pass
 
     def write(self, message: str) -> None:
+        pass
+
+    def log_generations(self, step: int, rows: list[dict]) -> None:
         pass
 
     def close(self) -> None:
@@ -53,6 +57,23 @@ class Tracker(NullTracker):
 
     def write(self, message: str) -> None:
         self.console(message)
+
+    def log_generations(self, step: int, rows: list[dict]) -> None:
+        """A generate-during-eval table: appended to ``generations.jsonl`` (one line per row, with its
+        step) and logged to W&B as a table; the console gets the first row."""
+        if not rows:
+            return
+        with open(os.path.join(os.path.dirname(self.path), GENERATIONS_FILE), "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n" for row in rows))
+        first = rows[0]
+        self.console(f"generations (step {step}, {len(rows)} rows): " + " | ".join(
+            f"{k}={str(v)[:60]!r}" for k, v in first.items() if k != "row"))
+        if self.wandb is not None:
+            import wandb
+
+            columns = ["step", *rows[0]]
+            table = wandb.Table(columns=columns, data=[[step, *(row.get(c) for c in columns[1:])] for row in rows])
+            self.wandb.log({"eval/generations": table}, step=step)
 
     def close(self) -> None:
         if self.wandb is not None:

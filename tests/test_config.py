@@ -30,7 +30,8 @@ EXPECTED_DEFAULTS = {
     "logging_steps": 10, "eval_steps": None, "eval_on_start": True, "save_steps": 500, "save_total_limit": None,
     "stop_after_steps": None, "seed": 42, "report_to": ["none"], "run_name": None, "wandb_project": "dspref",
     "gradient_checkpointing": False, "bf16": None, "fp16": None, "disable_dropout": True,
-    "generate_during_eval": False, "logits_chunk_size": 1024, "router_aux_loss_coef": None, "local_rank": -1,
+    "generate_during_eval": False, "generation_num_prompts": 4, "generation_max_new_tokens": 64,
+    "generation_temperature": 1.0, "generation_top_p": 1.0, "ds3_gather_for_generation": True, "logits_chunk_size": 1024, "router_aux_loss_coef": None, "local_rank": -1,
     "peft_config": None, "merge_peft_adapter": False,
     "beta": 0.1, "label_smoothing": 0.0, "loss_type": "sigmoid", "cpo_alpha": 1.0, "simpo_gamma": 0.5,
 }
@@ -339,7 +340,12 @@ def test_config_to_dict_is_a_copy():
 # --- validation -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,message", [
-    (["--generate_during_eval"], "generate_during_eval is not implemented yet (tracked in issue #6); set it to false"),
+    (["--generate_during_eval"], "generate_during_eval samples eval prompts, and there is no eval data: give "
+     "eval_file, eval_dataset_split or eval_split_ratio, or set generate_during_eval to false"),
+    (["--generation_num_prompts", "0"], "generation_num_prompts must be >= 1, got 0"),
+    (["--generation_max_new_tokens", "0"], "generation_max_new_tokens must be >= 1, got 0"),
+    (["--generation_temperature", "-0.5"], "generation_temperature must be >= 0, got -0.5"),
+    (["--generation_top_p", "0"], "generation_top_p must be in (0, 1], got 0.0"),
     (["--loss_type", "dpo"], "loss_type must be one of sigmoid | hinge | ipo | simpo, got 'dpo'"),
     (["--truncation_mode", "middle"], "truncation_mode must be one of keep_end | keep_start, got 'middle'"),
     (["--lr_scheduler_type", "poly"],

@@ -115,13 +115,20 @@ def test_zero2_two_ranks_bf16_gradient_checkpointing(tmp_path, small_data):
 def test_one_rank_zero3_under_deepspeed_with_wandb_offline(tmp_path, small_data):
     train, evals = small_data
     out = tmp_path / "run"
-    args = base_args(out, train, evals, ds_config="zero3.json", max_steps=4, report_to="wandb", run_name="t1")
+    args = base_args(out, train, evals, ds_config="zero3.json", max_steps=4, report_to="wandb", run_name="t1",
+                     generate_during_eval="true", generation_num_prompts=2, generation_max_new_tokens=4)
     proc = launch(["launch/train.py"] + args, nprocs=1, env={"WANDB_MODE": "offline", "WANDB_API_KEY": "x" * 40})
     _check(proc)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run_id = (out / "wandb_run_id").read_text().strip()
     assert runs[0].name.endswith(run_id)
+    # the generate-during-eval table, at step 0 and at the end, in W&B and in generations.jsonl
+    tables = sorted(runs[0].rglob("generations_*.table.json"))
+    assert len(tables) == 2, list(runs[0].rglob("*"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["step", "row", "prompt", "policy"] and len(table["data"]) == 2
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 4
     # the key never lands in anything dspref writes
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".yaml", ".jsonl", ".txt", ".log"):
