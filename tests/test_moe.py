@@ -242,14 +242,28 @@ def _model_dir(path: Path, config) -> Path:
 def test_zero3_two_ranks(tmp_path, small_data):
     from transformers import MixtralConfig
 
-    train, _ = small_data
+    train, evals = small_data
     mixtral = _model_dir(tmp_path / "mixtral", MixtralConfig(**_TINY, num_local_experts=4, num_experts_per_tok=2))
     listed = _model_dir(tmp_path / "listmoe", moe_list_model.ListMoeConfig(
         **_TINY, num_local_experts=4, num_experts_per_tok=1, rank_disjoint_experts=True))
     common = dict(ds_config="zero3.json", max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    lora = "{r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj, up, down]}"
     specs = {
         "mixtral_cpo": base_args(tmp_path / "out_mixtral", train, model_name_or_path=mixtral, **common),
         "list_moe_cpo": base_args(tmp_path / "out_list", train, model_name_or_path=listed, **common),
+        "mixtral_bco": base_args(tmp_path / "out_bco", train, model_name_or_path=mixtral, method="bco", **common),
+        "mixtral_reward": base_args(tmp_path / "out_reward", train, model_name_or_path=mixtral, method="reward",
+                                    **common),
+        # everything at once: per-expert modules whose experts some rank never uses, LoRA (adapter-disabled
+        # reference), gradient checkpointing, and generation during eval, gathered and layer by layer
+        "list_moe_kto_lora_gc_generate": base_args(
+            tmp_path / "out_kto", train, evals, model_name_or_path=listed, method="kto", peft_config=lora,
+            gradient_checkpointing="true", generate_during_eval="true", generation_max_new_tokens=4,
+            generation_num_prompts=3, **common),
+        "list_moe_kto_lora_gc_generate_layerwise": base_args(
+            tmp_path / "out_kto2", train, evals, model_name_or_path=listed, method="kto", peft_config=lora,
+            gradient_checkpointing="true", generate_during_eval="true", generation_max_new_tokens=4,
+            generation_num_prompts=3, ds3_gather_for_generation="false", **common),
     }
     spec_file, result = tmp_path / "specs.json", tmp_path / "result.json"
     spec_file.write_text(json.dumps(specs))
@@ -262,3 +276,8 @@ def test_zero3_two_ranks(tmp_path, small_data):
         assert [r["step"] for r in rows] == [1, 2], rows
         assert all(r["aux_loss"] > 0 for r in rows), rows
     assert "ZeRO-3 leaf modules (MoE blocks with per-expert modules): ListMoeBlock" in proc.stdout + proc.stderr
+    for out in ("out_kto", "out_kto2"):
+        table = [json.loads(line) for line in (tmp_path / out / "generations.jsonl").read_text().splitlines()]
+        assert sorted({r["step"] for r in table}) == [0, 2] and len(table) == 6, table
+        assert all({"prompt", "policy", "reference"} <= set(r) for r in table)
+        assert (tmp_path / out / "adapter_config.json").exists()  # the LoRA adapter was exported
