@@ -212,3 +212,35 @@ def test_cpo_lora_trains_the_adapter_only_and_exports_it(gen_runs, saved_base):
     assert (tuned - plain).abs().max() > 1e-4
     steps = _by_step(tables["cpo_lora"])
     assert [r["policy"] for r in steps[4]] != [r["policy"] for r in steps[0]]  # generation saw the adapter
+
+
+def test_generation_model_gathers_once_and_restores_everything(tmp_path, small_data):
+    """In process, one rank, ZeRO-3 with gradient checkpointing: inside ``generation_model`` every
+    parameter is whole, DeepSpeed's module hooks are off, checkpointing is off and the KV cache on;
+    afterwards parameters are partitioned again, the hooks are back, and so are the training switches."""
+    from dspref import engine as eng
+    from dspref.config import parse_args
+    from dspref.run import train
+
+    cfg, explicit = parse_args(base_args(tmp_path / "out", small_data[0], ds_config="zero3.json", max_steps=1,
+                                         gradient_checkpointing="true"))
+    engine = train(cfg, explicit).engine
+    model, offload = engine.model, engine.ds.optimizer.parameter_offload
+    params = [p for p in model.parameters() if not p.ds_persist]  # small ones stay whole (persistence threshold)
+    n_hooks = len(offload.forward_hooks)
+    assert params
+    assert n_hooks > 0 and all(p.data.numel() == 0 for p in params)  # partitioned (one rank still shards)
+    assert eng.is_checkpointing(model) and model.config.use_cache is False
+    with eng.generation_model(engine, gather=True) as (inner, synced):
+        assert inner is model and synced is False
+        assert all(p.data.numel() == p.ds_numel for p in params)
+        assert offload.forward_hooks == [] and offload.backward_hooks == []
+        assert not eng.is_checkpointing(model) and model.config.use_cache is True and not model.training
+        out = model.generate(input_ids=torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False, pad_token_id=3)
+        assert out.shape == (1, 6) or out[0, -1].item() == 2  # three new tokens, or stopped at EOS
+    assert all(p.data.numel() == 0 for p in params)
+    assert len(offload.forward_hooks) == n_hooks
+    assert eng.is_checkpointing(model) and model.config.use_cache is False and model.training
+    with eng.generation_model(engine, gather=False) as (_, synced):  # layer by layer: hooks stay on
+        assert synced is False  # one rank: nothing to keep in step with
+        assert len(offload.forward_hooks) == n_hooks and all(p.data.numel() == 0 for p in params)
