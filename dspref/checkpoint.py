@@ -133,6 +133,23 @@ def resolve_resume(output_dir: str, spec: str | None) -> str | None:
     return spec
 
 
+def check_world_size(path: str, world_size: int) -> None:
+    """Refuse, before any model is built, to resume a checkpoint written by another number of ranks.
+
+    Each rank's ZeRO shards (and its place in the data order) belong to that rank count; DeepSpeed
+    cannot re-partition ZeRO-3 optimizer shards on load.
+    """
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        saved = json.load(f).get("world_size")
+    if saved is None or saved == world_size:
+        return
+    raise CheckpointError(
+        f"{path} was written by {saved} ranks and this run has {world_size}: ZeRO shards and the data order "
+        f"belong to the rank count. Resume with {saved} ranks, or start a new run from its weights: "
+        f"dspref export-checkpoint {path} MODEL_DIR, then --model_name_or_path MODEL_DIR (the optimizer state "
+        f"and the schedule start afresh)")
+
+
 def load_checkpoint(engine, path: str) -> tuple[dict, dict]:
     """Restore engine and RNG states; return the dspref state and tensors of checkpoint ``path``."""
     engine.load(path, DS_TAG)
@@ -200,18 +217,56 @@ def export_model(engine, tokenizer, output_dir: str, *, merge_adapter: bool = Fa
     """
     state = engine.full_state_dict()  # collective under ZeRO-3
     if torch.distributed.get_rank() == 0:
-        tmp = os.path.join(output_dir, ".tmp-export")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = engine.model
-        if merge_adapter and _is_peft(model):
-            merged_copy(model, state).save_pretrained(tmp, safe_serialization=True)
-        else:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
-        os.rmdir(tmp)
+        save_pretrained(engine.model, state, tokenizer, output_dir, merge_adapter=merge_adapter)
     eng.barrier()
+
+
+def save_pretrained(model, state: dict, tokenizer, output_dir: str, *, merge_adapter: bool) -> None:
+    """``model`` with ``state`` (its whole state dict) and ``tokenizer`` into ``output_dir``, atomically per file."""
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = os.path.join(output_dir, ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if merge_adapter and _is_peft(model):
+        merged_copy(model, state).save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
+
+
+def export_checkpoint(path: str, output_dir: str) -> str:
+    """A checkpoint's weights as a Hugging Face model (or LoRA adapter), in one process, for any rank count.
+
+    The ZeRO shards are merged on the CPU with DeepSpeed's own reader; the model is rebuilt from the
+    run's saved ``dspref_config.yaml`` (beside the checkpoint), so a run can start from a checkpoint
+    written by another number of ranks. Returns the model folder.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dspref.config import parse_args
+    from dspref.objectives import build_objective
+    from dspref.run import load_tokenizer
+
+    recipe = os.path.join(os.path.dirname(os.path.abspath(path)), "dspref_config.yaml")
+    if not os.path.exists(os.path.join(path, STATE_FILE)):
+        raise CheckpointError(f"{path} is not a dspref checkpoint (no {STATE_FILE} in it)")
+    if not os.path.exists(recipe):
+        raise CheckpointError(f"{recipe} is missing: the run's config is needed to rebuild the model")
+    cfg, _ = parse_args(["--config", recipe])
+    kind = build_objective(cfg).model_kind
+    tokenizer = load_tokenizer(cfg)
+    model = eng.load_model(cfg.model_name_or_path, kind=kind, ds_config={}, random_init=True,
+                           init_kwargs=cfg.model_init_kwargs, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
+                           pad_token_id=cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id)
+    if cfg.peft_config:
+        model = eng.apply_peft(model, cfg.peft_config, kind=kind, adapter_name=getattr(cfg, "model_adapter_name", None))
+    state = get_fp32_state_dict_from_zero_checkpoint(path, tag=DS_TAG)
+    state = {k.removeprefix("model."): v for k, v in state.items()}  # the scorer's prefix
+    model.load_state_dict(state, strict=True)
+    save_pretrained(model, state, tokenizer, output_dir, merge_adapter=cfg.merge_peft_adapter)
+    return output_dir
 
 
 def _is_peft(model) -> bool:

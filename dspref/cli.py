@@ -9,6 +9,8 @@ USAGE = """usage: dspref <command> [options]
 commands:
   train    train a model (BCO, CPO, KTO, reward) with DeepSpeed; `dspref train --help` lists every option
   score    score every row of a paired dataset with a reward model: dspref score --model DIR --data FILE
+  export-checkpoint CHECKPOINT MODEL_DIR
+           a checkpoint's weights as a Hugging Face model (or LoRA adapter), whatever the rank count
 
 Multi-process runs go through a launcher, e.g.
   deepspeed launch/train.py --ds_config ds_configs/zero3.json --config launch/configs/cpo.yaml
@@ -29,8 +31,26 @@ def main(argv: list[str] | None = None) -> int:
         from dspref.score import main as score_main
 
         return score_main(rest)
+    if command == "export-checkpoint":
+        return _export_checkpoint(rest)
     print(f"dspref: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _export_checkpoint(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0].startswith("-"):
+        print("usage: dspref export-checkpoint CHECKPOINT MODEL_DIR", file=sys.stderr)
+        return 2
+    from dspref.checkpoint import CheckpointError, export_checkpoint
+    from dspref.config import ConfigError
+
+    try:
+        out = export_checkpoint(argv[0], argv[1])
+    except (CheckpointError, ConfigError) as e:
+        print(f"dspref: error: {e}", file=sys.stderr)
+        return 2
+    print(f"dspref: wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class LoopResult:
     step: int
     stopped_early: bool
     last_eval: dict
+    preempted: str | None = None  # the signal that stopped the run (a checkpoint was saved)
 
 
 # --------------------------------------------------------------------------- batch order
@@ -94,6 +95,7 @@ def train_batches(dataset, collate, *, seed: int, micro_batch: int, per_epoch: i
             order_epoch = epoch
         batch = collate(fetch(dataset, order[index]))
         batch["batch_key"] = ("train", epoch, index)
+        batch["row_indices"] = order[index]  # training-set rows, named when the loss is not finite
         yield batch["batch_key"], batch
 
 
@@ -230,12 +232,14 @@ def _totals(objective) -> dict:
 
 # --------------------------------------------------------------------------- train
 def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracker, *, start_step: int = 0,
-          pairs=None, generations=None) -> LoopResult:
+          pairs=None, generations=None, preemption=None) -> LoopResult:
     """Run optimizer steps ``start_step+1 .. s.total_steps`` (or until ``stop_after_steps``).
 
     ``pairs``: ``(dataset, collate)`` of paired eval rows for methods with a reference, whose
     held-out preference accuracy is evaluated beside the objective's own eval metrics.
     ``generations``: ``step -> rows`` (:mod:`dspref.generate`), run after each eval and logged as a table.
+    ``preemption``: a :class:`~dspref.preemption.Preemption`; once any rank is signalled, every rank
+    stops after the same optimizer step, with a checkpoint.
     """
     rank = torch.distributed.get_rank()
     gas, per_epoch = s.gradient_accumulation_steps, s.micro_batches_per_epoch
@@ -262,7 +266,7 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
                             per_epoch=per_epoch, start=micro, stop=s.total_steps * gas)
     for (_, epoch, _), batch in batches:
         loss, metrics = objective.compute(engine, batch, train=True)
-        _check_finite(loss, step + 1, s.output_dir)
+        _check_finite(loss, step + 1, s.output_dir, batch["row_indices"])
         lr = engine.lr  # the rate this step uses (the scheduler moves on inside step())
         engine.backward(loss)
         engine.step()
@@ -281,12 +285,23 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
             tracker.log({k: v for k, v in row.items() if v is not None})
         if step == s.total_steps or (s.eval_steps and step % s.eval_steps == 0):
             run_eval(step)
-        stop = bool(s.stop_after_steps) and step >= s.stop_after_steps and step < s.total_steps
+        preempted = preemption is not None and preemption.requested() and step < s.total_steps
+        stop = preempted or (bool(s.stop_after_steps) and step >= s.stop_after_steps and step < s.total_steps)
         if (s.save_steps and step % s.save_steps == 0) or stop:
-            state = {"step": step, "micro_batches": micro, "epoch": epoch, "objective": objective.state_dict()}
-            ckpt.save_checkpoint(engine, s.output_dir, step, state, save_total_limit=s.save_total_limit,
-                                 tensors=objective.tensor_state())
+            state = {"step": step, "micro_batches": micro, "epoch": epoch, "objective": objective.state_dict(),
+                     "world_size": torch.distributed.get_world_size()}
+            path = ckpt.save_checkpoint(engine, s.output_dir, step, state, save_total_limit=s.save_total_limit,
+                                        tensors=objective.tensor_state())
         window.start = time.perf_counter()  # eval and saving are not training throughput
+        if preempted:
+            if rank == 0:
+                from dspref.preemption import write_marker
+
+                write_marker(s.output_dir, step=step, checkpoint=path, reason=preemption.name)
+            eng.barrier()
+            if bar is not None:
+                bar.close()
+            return LoopResult(step=step, stopped_early=True, last_eval=last_eval, preempted=preemption.name)
         if stop:
             break
     if bar is not None:
@@ -294,13 +309,17 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
     return LoopResult(step=step, stopped_early=step < s.total_steps, last_eval=last_eval)
 
 
-def _check_finite(loss: torch.Tensor, step: int, output_dir: str) -> None:
-    """Stop every rank together, before the update, if any rank's loss is NaN/inf."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
-    if eng.all_reduce_max(bad).item():
-        latest = ckpt.latest_checkpoint(output_dir)
-        raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {step}; stopped before applying it. No checkpoint was written for "
-            f"this step; the last complete checkpoint is {latest or 'none'}. Lower the learning rate, check the "
-            f"data, or use bf16 instead of fp16."
-        )
+def _check_finite(loss: torch.Tensor, step: int, output_dir: str, rows: list[int]) -> None:
+    """Stop every rank together, before the update, if any rank's loss is NaN/inf; name the rows."""
+    finite = torch.isfinite(loss.detach()).item()
+    if not eng.all_reduce_max(torch.tensor([0.0 if finite else 1.0])).item():
+        return
+    world = torch.distributed.get_world_size()
+    seen = [None] * world
+    torch.distributed.all_gather_object(seen, None if finite else (float(loss.item()), list(rows)))
+    where = "; ".join(f"rank {r}: loss {bad[0]} on training rows {bad[1]}" for r, bad in enumerate(seen) if bad)
+    latest = ckpt.latest_checkpoint(output_dir)
+    raise NonFiniteLossError(
+        f"loss is not finite at step {step} ({where}); stopped before applying it. No checkpoint was written "
+        f"for this step; the last complete checkpoint is {latest or 'none'}. Lower the learning rate, check "
+        f"those rows, or use bf16 instead of fp16.")

@@ -26,6 +26,7 @@ from dspref.config import ConfigError, ReferenceConfig, config_to_dict, parse_ar
 from dspref.data.formats import DataError
 from dspref.dsconfig import DSConfigError, load_ds_config, num_warmup_steps, resolve_ds_config
 from dspref.loop import NonFiniteLossError
+from dspref.preemption import EXIT_PREEMPTED, MARKER, Preemption, clear_marker, requeued
 from dspref.tracking import GENERATIONS_FILE, METRICS_FILE, NullTracker, Tracker, drop_rows_after
 
 log = logging.getLogger("dspref")
@@ -49,6 +50,7 @@ class RunResult:
     seconds: float
     headline: tuple[str, ...]
     load_hint: str
+    preempted: str | None = None
 
 
 def main(argv: list[str]) -> int:
@@ -72,7 +74,7 @@ def main(argv: list[str]) -> int:
         return 1
     if rank == 0:
         print_summary(result)
-    return 0
+    return EXIT_PREEMPTED if result.preempted else 0
 
 
 def train(cfg, explicit: set[str]) -> RunResult:
@@ -82,6 +84,8 @@ def train(cfg, explicit: set[str]) -> RunResult:
     _setup_logging(rank)
     _set_seed(cfg.seed)
     resume_path, replaced = _prepare_output_dir(cfg)
+    if resume_path:
+        ckpt.check_world_size(resume_path, world)
     ds_raw = load_ds_config(cfg.ds_config) if cfg.ds_config else _missing_ds_config()
     _check_local_path(cfg.model_name_or_path, "model_name_or_path")
     _check_local_path(cfg.tokenizer_name_or_path, "tokenizer_name_or_path")
@@ -101,6 +105,7 @@ def train(cfg, explicit: set[str]) -> RunResult:
                                   on_cpu=_on_cpu(), hidden_size=hidden)
     _clear_replaced_run(cfg.output_dir, replaced, rank)  # only now that every input check has passed
     if rank == 0:
+        clear_marker(cfg.output_dir)  # this run is under way: no requeue unless it is preempted again
         save_config(cfg, os.path.join(cfg.output_dir, "dspref_config.yaml"))
         ckpt.write_json(os.path.join(cfg.output_dir, "ds_config.json"), ds_config)
 
@@ -151,13 +156,15 @@ def train(cfg, explicit: set[str]) -> RunResult:
 
     generations = make_sampler(cfg, objective, engine, eval_ds, collate, tokenizer)
     try:
-        result = train_loop(engine, objective, train_ds, eval_ds, collate, settings, tracker, start_step=start_step,
-                            pairs=pairs, generations=generations)
+        with Preemption() as preemption:
+            result = train_loop(engine, objective, train_ds, eval_ds, collate, settings, tracker,
+                                start_step=start_step, pairs=pairs, generations=generations, preemption=preemption)
         if not result.stopped_early:
             ckpt.export_model(engine, tokenizer, cfg.output_dir, merge_adapter=cfg.merge_peft_adapter)
     finally:
         tracker.close()
     return RunResult(engine=engine, tokenizer=tokenizer, step=result.step, stopped_early=result.stopped_early,
+                     preempted=result.preempted,
                      last_eval=result.last_eval, output_dir=cfg.output_dir, seconds=time.perf_counter() - started,
                      headline=objective.headline_metrics, load_hint=_load_hint(cfg, objective.model_kind))
 
@@ -173,6 +180,10 @@ def _prepare_output_dir(cfg) -> tuple[str | None, list[str]]:
         os.makedirs(cfg.output_dir, exist_ok=True)
     except OSError as e:
         raise RunError(f"cannot create output_dir {cfg.output_dir!r}: {e.strerror}; choose another output_dir") from None
+    if requeued() and not cfg.resume_from_checkpoint:
+        log.info("SLURM_RESTART_COUNT=%s: a requeued job resumes from the latest checkpoint",
+                 os.environ.get("SLURM_RESTART_COUNT"))
+        cfg.resume_from_checkpoint = "latest"
     resume_path = ckpt.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     traces = _run_traces(cfg.output_dir)
     if traces and not cfg.resume_from_checkpoint:
@@ -191,7 +202,8 @@ def _prepare_output_dir(cfg) -> tuple[str | None, list[str]]:
 # What a run writes into output_dir (removed, with overwrite_output_dir, before a new run writes its own).
 _EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                  "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja", "README.md", "ds_config.json", "wandb_run_id")
+                 "special_tokens_map.json", "chat_template.jinja", "README.md", "ds_config.json", "wandb_run_id",
+                 MARKER)
 
 
 def _run_files(output_dir: str) -> list[str]:
@@ -501,8 +513,8 @@ def _load_hint(cfg, model_kind: str) -> str:
 def print_summary(result: RunResult) -> None:
     """The short report at the end of a run: what it reached and where everything was written."""
     out = result.output_dir
-    lines = [f"dspref: {'stopped' if result.stopped_early else 'finished'} at step {result.step} "
-             f"in {result.seconds:.1f} s"]
+    how = f"preempted ({result.preempted})" if result.preempted else "stopped" if result.stopped_early else "finished"
+    lines = [f"dspref: {how} at step {result.step} in {result.seconds:.1f} s"]
     for key in ("eval_loss",) + tuple(f"eval_{name}" for name in result.headline):
         if key in result.last_eval:
             lines.append(f"  {key:<26} {result.last_eval[key]:.4f}")

@@ -61,6 +61,19 @@ def base_args(output_dir, train_file, eval_file=None, ds_config="zero2.json", **
 def launch(script_args: list[str], *, nprocs: int, launcher: str = "deepspeed", timeout: int = 600,
            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``launch/train.py`` (or another script) under a launcher with ``nprocs`` CPU ranks."""
+    cmd, full_env = launch_command(script_args, nprocs=nprocs, launcher=launcher, env=env)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def start(script_args: list[str], *, nprocs: int, launcher: str = "deepspeed", env: dict | None = None,
+          log_path=None) -> subprocess.Popen:
+    """:func:`launch` without waiting (output to ``log_path``): for tests that signal or kill ranks."""
+    cmd, full_env = launch_command(script_args, nprocs=nprocs, launcher=launcher, env=env)
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def launch_command(script_args: list[str], *, nprocs: int, launcher: str, env: dict | None) -> tuple[list, dict]:
     # In-process tests have joined a process group in this pytest process: its rendezvous
     # variables must not leak into a child (it would reuse a port that is already taken).
     dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -74,9 +87,7 @@ def launch(script_args: list[str], *, nprocs: int, launcher: str = "deepspeed", 
                "--master_port", port]
     else:
         cmd = [sys.executable]
-    proc = subprocess.run(cmd + script_args, cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    return proc
+    return cmd + script_args, full_env
 
 
 def read_metrics(output_dir) -> list[dict]:

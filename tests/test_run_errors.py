@@ -165,7 +165,11 @@ def test_nan_loss_stops_before_the_update(tmp_path, small_data, capsys, monkeypa
     status, cap = run_main(base_args(out, small_data[0], max_steps=6, save_steps=2), capsys)
     assert status == 1
     line = error_line(cap)
-    assert line.startswith("dspref: error: loss is nan at step 3; stopped before applying it.")
+    from dspref.loop import train_order
+
+    rows = train_order(64, epoch=0, seed=7, rank=0, world_size=1, micro_batch=4)[2]  # the third micro-batch
+    assert line.startswith(f"dspref: error: loss is not finite at step 3 (rank 0: loss nan on training rows {rows}); "
+                           "stopped before applying it.")
     assert "last complete checkpoint is" in line and "checkpoint-2" in line
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
 
