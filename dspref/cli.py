@@ -1,4 +1,4 @@
-"""``dspref`` console script: ``dspref train [--config recipe.yaml] [--key value ...]``."""
+"""``dspref`` console script: ``dspref <train | score | plot | compare> [options]``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,18 @@ USAGE = """usage: dspref <command> [options]
 commands:
   train    train a model (BCO, CPO, KTO, reward) with DeepSpeed; `dspref train --help` lists every option
   score    score every row of a paired dataset with a reward model: dspref score --model DIR --data FILE
+  plot     PNG figures (loss, rewards, margins, accuracy, learning rate, tokens/s, memory) of one or
+           more runs overlaid: dspref plot OUTPUT_DIR [OUTPUT_DIR ...] [--out DIR]
+  compare  final and best eval metrics, tokens/s and peak memory of runs side by side:
+           dspref compare RUN_A RUN_B [...]
 
 Multi-process runs go through a launcher, e.g.
   deepspeed launch/train.py --ds_config ds_configs/zero3.json --config launch/configs/cpo.yaml
 """
+
+# command -> module whose main(argv) runs it
+COMMANDS = {"train": "dspref.run", "score": "dspref.score", "plot": "dspref.plots",
+            "compare": "dspref.compare"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,14 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from dspref.run import main as train_main
+    if command in COMMANDS:
+        import importlib
 
-        return train_main(rest)
-    if command == "score":
-        from dspref.score import main as score_main
-
-        return score_main(rest)
+        # Imported only when run: plot and compare never load torch.
+        return importlib.import_module(COMMANDS[command]).main(rest)
     print(f"dspref: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -26,7 +26,8 @@ from dspref.config import ConfigError, ReferenceConfig, config_to_dict, parse_ar
 from dspref.data.formats import DataError
 from dspref.dsconfig import DSConfigError, load_ds_config, num_warmup_steps, resolve_ds_config
 from dspref.loop import NonFiniteLossError
-from dspref.tracking import METRICS_FILE, NullTracker, Tracker, drop_rows_after
+from dspref.plots import PLOTS_DIR, write_run_plots
+from dspref.tracking import METRICS_FILE, TENSORBOARD_DIR, NullTracker, Tracker, drop_rows_after
 
 log = logging.getLogger("dspref")
 
@@ -144,7 +145,7 @@ def train(cfg, explicit: set[str]) -> RunResult:
     objective.prepare(train_ds)  # BCO's UDM classifier: fitted once, or kept as loaded from the checkpoint
     if rank == 0:
         drop_rows_after(os.path.join(cfg.output_dir, METRICS_FILE), start_step if start_step else -1)
-    tracker = _tracker(cfg, rank)
+    tracker = _tracker(cfg, rank, start_step)
     from dspref.loop import train as train_loop
 
     try:
@@ -154,6 +155,8 @@ def train(cfg, explicit: set[str]) -> RunResult:
             ckpt.export_model(engine, tokenizer, cfg.output_dir, merge_adapter=cfg.merge_peft_adapter)
     finally:
         tracker.close()
+    if rank == 0:
+        write_run_plots(cfg.output_dir)  # warns, never raises: figures never cost a run
     return RunResult(engine=engine, tokenizer=tokenizer, step=result.step, stopped_early=result.stopped_early,
                      last_eval=result.last_eval, output_dir=cfg.output_dir, seconds=time.perf_counter() - started,
                      headline=objective.headline_metrics, load_hint=_load_hint(cfg, objective.model_kind))
@@ -188,7 +191,8 @@ def _prepare_output_dir(cfg) -> tuple[str | None, list[str]]:
 # What a run writes into output_dir (removed, with overwrite_output_dir, before a new run writes its own).
 _EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                  "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja", "README.md", "ds_config.json", "wandb_run_id")
+                 "special_tokens_map.json", "chat_template.jinja", "README.md", "ds_config.json", "wandb_run_id",
+                 TENSORBOARD_DIR, PLOTS_DIR)
 
 
 def _run_files(output_dir: str) -> list[str]:
@@ -426,12 +430,12 @@ def _scheduler(cfg, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _tracker(cfg, rank: int):
+def _tracker(cfg, rank: int, start_step: int):
     if rank != 0:
         return NullTracker()
     report_to = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
     return Tracker(cfg.output_dir, report_to=report_to, config=config_to_dict(cfg), run_name=cfg.run_name,
-                   project=cfg.wandb_project)
+                   project=cfg.wandb_project, start_step=start_step)
 
 
 def _main_process_first(rank: int, fn):
