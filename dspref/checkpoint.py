@@ -136,16 +136,32 @@ def resolve_resume(output_dir: str, spec: str | None) -> str | None:
 def load_checkpoint(engine, path: str) -> tuple[dict, dict]:
     """Restore engine and RNG states; return the dspref state and tensors of checkpoint ``path``."""
     engine.load(path, DS_TAG)
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        state = json.load(f)
-    tensors_path = os.path.join(path, TENSORS_FILE)
-    tensors = torch.load(tensors_path, weights_only=True) if os.path.exists(tensors_path) else {}
+    state, tensors = read_state(path)
     rng_path = os.path.join(path, f"rng_state_{torch.distributed.get_rank()}.pt")
     if os.path.exists(rng_path):
         _set_rng_state(torch.load(rng_path, weights_only=True))
     else:
         log.warning("%s has no RNG state for this rank (world size changed?); RNG not restored", path)
     return state, tensors
+
+
+def read_state(path: str) -> tuple[dict, dict]:
+    """The dspref state (step, data position, objective state) and objective tensors of checkpoint ``path``."""
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        state = json.load(f)
+    tensors_path = os.path.join(path, TENSORS_FILE)
+    tensors = torch.load(tensors_path, weights_only=True) if os.path.exists(tensors_path) else {}
+    return state, tensors
+
+
+def load_weights(engine, path: str) -> None:
+    """Put checkpoint ``path``'s model weights into ``engine`` (a frozen one too), whatever the number of
+    ranks or the ZeRO stage that saved it and the ZeRO stage ``engine`` runs. Optimizer state is not read."""
+    state = eng.checkpoint_state_dict(path, DS_TAG)
+    try:
+        eng.load_full_state_dict(engine.ds.module, state)
+    except KeyError as e:
+        raise CheckpointError(f"{path} does not hold this model's weights: {e.args[0]}") from None
 
 
 def _rng_state() -> dict:

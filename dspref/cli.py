@@ -1,4 +1,4 @@
-"""``dspref`` console script: ``dspref <train | score | plot | compare> [options]``."""
+"""``dspref`` console script: ``dspref <train | score | eval | plot | compare> [options]``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ USAGE = """usage: dspref <command> [options]
 commands:
   train    train a model (BCO, CPO, KTO, reward) with DeepSpeed; `dspref train --help` lists every option
   score    score every row of a paired dataset with a reward model: dspref score --model DIR --data FILE
+  eval     the eval pass alone on a checkpoint or an exported model, as a table and JSON:
+             dspref eval --model OUTPUT_DIR/checkpoint-N --data FILE
+             dspref eval --model DIR --method M --data FILE [--ref DIR] [--key value ...]
   plot     PNG figures (loss, rewards, margins, accuracy, learning rate, tokens/s, memory) of one or
            more runs overlaid: dspref plot OUTPUT_DIR [OUTPUT_DIR ...] [--out DIR]
   compare  final and best eval metrics, tokens/s and peak memory of runs side by side:
@@ -19,7 +22,7 @@ Multi-process runs go through a launcher, e.g.
 """
 
 # command -> module whose main(argv) runs it
-COMMANDS = {"train": "dspref.run", "score": "dspref.score", "plot": "dspref.plots",
+COMMANDS = {"train": "dspref.run", "score": "dspref.score", "eval": "dspref.eval_model", "plot": "dspref.plots",
             "compare": "dspref.compare"}
 
 
