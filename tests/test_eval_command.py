@@ -84,7 +84,7 @@ def test_checkpoint_eval_with_another_reference_scores_against_it(udm_run, small
     assert report["logged_max_abs_difference"] > 1e-3
 
 
-@pytest.mark.parametrize("case, message", [
+BAD_INPUT = [
     ("missing", "dspref eval: error: --model {missing}: no such folder"),
     ("empty", "dspref eval: error: --model {empty} is neither a dspref checkpoint (checkpoint-N with "
               "dspref_state.json) nor an exported model (config.json); pass one of them"),
@@ -99,7 +99,10 @@ def test_checkpoint_eval_with_another_reference_scores_against_it(udm_run, small
                      "--method or pass --method bco"),
     ("bad_option", "dspref eval: error: unknown option 'betaa' from --betaa; did you mean 'beta'?"),
     ("no_data", "dspref eval: error: --data {nodata}: no such file (relative paths start at "),
-])
+]
+
+
+@pytest.mark.parametrize("case, message", BAD_INPUT, ids=[case for case, _ in BAD_INPUT])
 def test_bad_input_is_one_line_with_exit_status_2(case, message, udm_run, small_data, saved_base, tmp_path, capsys):
     paths = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "adapter": tmp_path / "adapter",
              "export": udm_run, "checkpoint": udm_run / "checkpoint-3", "nodata": tmp_path / "nodata.jsonl"}
