@@ -153,16 +153,32 @@ def check_world_size(path: str, world_size: int) -> None:
 def load_checkpoint(engine, path: str) -> tuple[dict, dict]:
     """Restore engine and RNG states; return the dspref state and tensors of checkpoint ``path``."""
     engine.load(path, DS_TAG)
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        state = json.load(f)
-    tensors_path = os.path.join(path, TENSORS_FILE)
-    tensors = torch.load(tensors_path, weights_only=True) if os.path.exists(tensors_path) else {}
+    state, tensors = read_state(path)
     rng_path = os.path.join(path, f"rng_state_{torch.distributed.get_rank()}.pt")
     if os.path.exists(rng_path):
         _set_rng_state(torch.load(rng_path, weights_only=True))
     else:
         log.warning("%s has no RNG state for this rank (world size changed?); RNG not restored", path)
     return state, tensors
+
+
+def read_state(path: str) -> tuple[dict, dict]:
+    """The dspref state (step, data position, objective state) and objective tensors of checkpoint ``path``."""
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+        state = json.load(f)
+    tensors_path = os.path.join(path, TENSORS_FILE)
+    tensors = torch.load(tensors_path, weights_only=True) if os.path.exists(tensors_path) else {}
+    return state, tensors
+
+
+def load_weights(engine, path: str) -> None:
+    """Put checkpoint ``path``'s model weights into ``engine`` (a frozen one too), whatever the number of
+    ranks or the ZeRO stage that saved it and the ZeRO stage ``engine`` runs. Optimizer state is not read."""
+    state = eng.checkpoint_state_dict(path, DS_TAG)
+    try:
+        eng.load_full_state_dict(engine.ds.module, state)
+    except KeyError as e:
+        raise CheckpointError(f"{path} does not hold this model's weights: {e.args[0]}") from None
 
 
 def _rng_state() -> dict:
@@ -243,11 +259,9 @@ def export_checkpoint(path: str, output_dir: str) -> str:
     run's saved ``dspref_config.yaml`` (beside the checkpoint), so a run can start from a checkpoint
     written by another number of ranks. Returns the model folder.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from dspref.config import parse_args
     from dspref.objectives import build_objective
-    from dspref.run import load_tokenizer
+    from dspref.run import _read_model_config, build_policy, load_tokenizer
 
     recipe = os.path.join(os.path.dirname(os.path.abspath(path)), "dspref_config.yaml")
     if not os.path.exists(os.path.join(path, STATE_FILE)):
@@ -255,17 +269,15 @@ def export_checkpoint(path: str, output_dir: str) -> str:
     if not os.path.exists(recipe):
         raise CheckpointError(f"{recipe} is missing: the run's config is needed to rebuild the model")
     cfg, _ = parse_args(["--config", recipe])
-    kind = build_objective(cfg).model_kind
+    cfg.random_init = True  # the architecture only: every weight comes from the checkpoint
+    objective = build_objective(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = eng.load_model(cfg.model_name_or_path, kind=kind, ds_config={}, random_init=True,
-                           init_kwargs=cfg.model_init_kwargs, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed,
-                           pad_token_id=cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id)
-    if cfg.peft_config:
-        model = eng.apply_peft(model, cfg.peft_config, kind=kind, adapter_name=getattr(cfg, "model_adapter_name", None))
-    state = get_fp32_state_dict_from_zero_checkpoint(path, tag=DS_TAG)
-    state = {k.removeprefix("model."): v for k, v in state.items()}  # the scorer's prefix
-    model.load_state_dict(state, strict=True)
-    save_pretrained(model, state, tokenizer, output_dir, merge_adapter=cfg.merge_peft_adapter)
+    pad_id = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
+    scorer = build_policy(cfg, objective, _read_model_config(cfg, objective.model_kind), {}, pad_id)
+    state = eng.checkpoint_state_dict(path, DS_TAG)  # the scorer's own keys ("model." + the model's)
+    scorer.load_state_dict(state, strict=True)
+    save_pretrained(scorer.model, {k.removeprefix("model."): v for k, v in state.items()}, tokenizer, output_dir,
+                    merge_adapter=cfg.merge_peft_adapter)
     return output_dir
 
 

@@ -1,4 +1,4 @@
-"""``dspref`` console script: ``dspref train [--config recipe.yaml] [--key value ...]``."""
+"""``dspref`` console script: ``dspref <train | score | eval | plot | compare> [options]``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,24 @@ USAGE = """usage: dspref <command> [options]
 commands:
   train    train a model (BCO, CPO, KTO, reward) with DeepSpeed; `dspref train --help` lists every option
   score    score every row of a paired dataset with a reward model: dspref score --model DIR --data FILE
-  export-checkpoint CHECKPOINT MODEL_DIR
+  eval     the eval pass alone on a checkpoint or an exported model, as a table and JSON:
+             dspref eval --model OUTPUT_DIR/checkpoint-N --data FILE
+             dspref eval --model DIR --method M --data FILE [--ref DIR] [--key value ...]
+  plot     PNG figures (loss, rewards, margins, accuracy, learning rate, tokens/s, memory) of one or
+           more runs overlaid: dspref plot OUTPUT_DIR [OUTPUT_DIR ...] [--out DIR]
+  compare  final and best eval metrics, tokens/s and peak memory of runs side by side:
+           dspref compare RUN_A RUN_B [...]
+  export-checkpoint
            a checkpoint's weights as a Hugging Face model (or LoRA adapter), whatever the rank count
+           wrote it: dspref export-checkpoint OUTPUT_DIR/checkpoint-N MODEL_DIR
 
 Multi-process runs go through a launcher, e.g.
   deepspeed launch/train.py --ds_config ds_configs/zero3.json --config launch/configs/cpo.yaml
 """
+
+# command -> module whose main(argv) runs it
+COMMANDS = {"train": "dspref.run", "score": "dspref.score", "eval": "dspref.eval_model", "plot": "dspref.plots",
+            "compare": "dspref.compare", "export-checkpoint": "dspref.export"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,34 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from dspref.run import main as train_main
+    if command in COMMANDS:
+        import importlib
 
-        return train_main(rest)
-    if command == "score":
-        from dspref.score import main as score_main
-
-        return score_main(rest)
-    if command == "export-checkpoint":
-        return _export_checkpoint(rest)
+        # Imported only when run: plot and compare never load torch.
+        return importlib.import_module(COMMANDS[command]).main(rest)
     print(f"dspref: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
-
-
-def _export_checkpoint(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0].startswith("-"):
-        print("usage: dspref export-checkpoint CHECKPOINT MODEL_DIR", file=sys.stderr)
-        return 2
-    from dspref.checkpoint import CheckpointError, export_checkpoint
-    from dspref.config import ConfigError
-
-    try:
-        out = export_checkpoint(argv[0], argv[1])
-    except (CheckpointError, ConfigError) as e:
-        print(f"dspref: error: {e}", file=sys.stderr)
-        return 2
-    print(f"dspref: wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ GROUP_TITLES = {
     "logging": "Logging, evaluation and checkpoints", "reference": "Reference model", "method": "Method",
 }
 
+# Where metrics can go besides the console and metrics.jsonl (report_to).
+REPORT_TO = ("wandb", "tensorboard", "none")
+
 # The methods dspref plans to support; only those registered in METHOD_CONFIGS are accepted.
 PLANNED_METHODS = ("bco", "cpo", "kto", "reward")
 
@@ -190,8 +193,9 @@ class TrainConfig:
     save_steps: int = _opt(500, "Save a checkpoint every this many optimizer steps.", "logging")
     save_total_limit: Optional[int] = _opt(None, "Keep at most this many checkpoints, deleting the oldest. "
                                            "None: keep all.", "logging")
-    report_to: list[str] = _opt(["none"], "Where to send metrics besides the console: wandb or none (a "
-                                "string or a list).", "logging")
+    report_to: list[str] = _opt(["none"], "Where to send metrics besides the console and metrics.jsonl: "
+                                "wandb, tensorboard (event files under output_dir/tensorboard, the same metric "
+                                "names) or none; a string or a list, e.g. [wandb, tensorboard].", "logging")
     run_name: Optional[str] = _opt(None, "Name of the run in the experiment tracker.", "logging")
     wandb_project: str = _opt("dspref", "Weights & Biases project used when report_to includes wandb.",
                               "logging")
@@ -497,8 +501,8 @@ def _check_logging(cfg: TrainConfig) -> None:
     _require(cfg.generation_temperature >= 0, f"generation_temperature must be >= 0, got {cfg.generation_temperature}")
     _require(0.0 < cfg.generation_top_p <= 1.0, f"generation_top_p must be in (0, 1], got {cfg.generation_top_p}")
     cfg.report_to = [r.strip().lower() for r in cfg.report_to if r.strip()] or ["none"]
-    bad = [r for r in cfg.report_to if r not in ("wandb", "none")]
-    _require(not bad, f"report_to accepts wandb | none, got {bad}")
+    bad = [r for r in cfg.report_to if r not in REPORT_TO]
+    _require(not bad, f"report_to accepts {' | '.join(REPORT_TO)} (alone or as a list), got {bad}")
     _require(cfg.report_to == ["none"] or "none" not in cfg.report_to,
              f"report_to cannot combine none with a tracker, got {cfg.report_to}")
 

@@ -299,6 +299,60 @@ class InferenceEngine:
         with torch.no_grad():
             return self.ds(**{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()})
 
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped Hugging Face model."""
+        return self.ds.module.model
+
+    def train(self, mode: bool = True) -> None:
+        """A frozen engine stays in eval mode (``eval_mode`` may still call this, as for a policy)."""
+
+
+def checkpoint_state_dict(checkpoint_dir: str, tag: str) -> dict:
+    """The whole module's fp32 state dict from a DeepSpeed checkpoint saved by any number of ranks.
+
+    ZeRO-1/2/3 shards are consolidated by DeepSpeed's ``zero_to_fp32`` (frozen parameters included), on
+    the CPU, without a process group; a ZeRO-0 checkpoint holds the module whole. Keys are those of
+    the module the engine wrapped (the scorer's ``model.`` prefix included).
+    """
+    import contextlib
+    import glob
+    import io
+
+    folder = os.path.join(checkpoint_dir, tag)
+    whole = os.path.join(folder, "mp_rank_00_model_states.pt")
+    if not glob.glob(os.path.join(folder, "*optim_states.pt")) and os.path.isfile(whole):  # ZeRO-0
+        module = torch.load(whole, map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
+def load_full_state_dict(module: nn.Module, state: dict) -> None:
+    """Copy a whole state dict into ``module``, whose parameters may be ZeRO-3 partitioned.
+
+    One parameter at a time (gathered, written on rank 0, re-partitioned on exit); values are cast to
+    each parameter's dtype. Every tensor of ``module.state_dict()`` must be in ``state``.
+    """
+    import deepspeed
+
+    missing = [n for n in module.state_dict() if n not in state]  # parameters and persistent buffers
+    if missing:
+        raise KeyError(f"{len(missing)} of the model's tensors are not in the checkpoint (first: {missing[0]})")
+    rank = torch.distributed.get_rank()
+    for name, param in module.named_parameters():
+        partitioned = hasattr(param, "ds_id")
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0 if partitioned else None):
+            if not partitioned or rank == 0:  # a partitioned one is broadcast from rank 0 on exit
+                with torch.no_grad():
+                    param.data.copy_(state[name].to(param.dtype))
+    for name, buffer in module.named_buffers():
+        if name in state:  # non-persistent buffers (rotary tables) are rebuilt by the model, never saved
+            with torch.no_grad():
+                buffer.copy_(state[name].to(buffer.dtype))
+
 
 def copy_parameters(src: nn.Module, dst: nn.Module) -> None:
     """Copy ``src``'s parameters into ``dst`` (same architecture), either of them ZeRO-3 partitioned.
@@ -408,6 +462,6 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "Engine", "InferenceEngine", "copy_parameters", "init_distributed", "load_model", "apply_peft", "prepare_model", "zero3_construction",
+    "Engine", "InferenceEngine", "checkpoint_state_dict", "load_full_state_dict", "copy_parameters", "init_distributed", "load_model", "apply_peft", "prepare_model", "zero3_construction",
     "eval_mode", "generation_model", "barrier", "mark_moe_leaf_modules", "moe_leaf_classes", "all_reduce_sum", "all_reduce_max", "device",
 ]

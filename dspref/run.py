@@ -26,8 +26,9 @@ from dspref.config import ConfigError, ReferenceConfig, config_to_dict, parse_ar
 from dspref.data.formats import DataError
 from dspref.dsconfig import DSConfigError, load_ds_config, num_warmup_steps, resolve_ds_config
 from dspref.loop import NonFiniteLossError
+from dspref.plots import PLOTS_DIR, write_run_plots
 from dspref.preemption import EXIT_PREEMPTED, MARKER, Preemption, clear_marker, requeued
-from dspref.tracking import GENERATIONS_FILE, METRICS_FILE, NullTracker, Tracker, drop_rows_after
+from dspref.tracking import GENERATIONS_FILE, METRICS_FILE, TENSORBOARD_DIR, NullTracker, Tracker, drop_rows_after
 
 log = logging.getLogger("dspref")
 
@@ -109,23 +110,8 @@ def train(cfg, explicit: set[str]) -> RunResult:
         save_config(cfg, os.path.join(cfg.output_dir, "dspref_config.yaml"))
         ckpt.write_json(os.path.join(cfg.output_dir, "ds_config.json"), ds_config)
 
-    from dspref.logps import make_scorer, resolve_router_aux_coef
-
-    # MoE router aux loss: the coefficient comes from the unwrapped config (TRL issue 2197); 0 for dense models.
-    objective.router_aux_loss_coef = resolve_router_aux_coef(cfg.router_aux_loss_coef, model_config)
-
     pad_id = cfg.padding_value if cfg.padding_value is not None else tokenizer.pad_token_id
-    model = eng.load_model(cfg.model_name_or_path, kind=objective.model_kind, ds_config=ds_config,
-                           random_init=cfg.random_init, init_kwargs=cfg.model_init_kwargs,
-                           trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, pad_token_id=pad_id)
-    eng.prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
-    if cfg.peft_config:
-        has_ref = isinstance(cfg, ReferenceConfig)
-        ref_adapter = (cfg.ref_adapter_name, cfg.ref_adapter_path) if has_ref and cfg.ref_adapter_name else None
-        model = eng.apply_peft(model, cfg.peft_config, kind=objective.model_kind,
-                               adapter_name=cfg.model_adapter_name if has_ref else None, ref_adapter=ref_adapter)
-    engine = eng.Engine(make_scorer(model, objective.model_kind, cfg.logits_chunk_size,
-                                    router_aux=objective.router_aux_loss_coef > 0), ds_config,
+    engine = eng.Engine(build_policy(cfg, objective, model_config, ds_config, pad_id), ds_config,
                         optimizer_factory=lambda params: _adamw(cfg, params),
                         scheduler_factory=lambda opt: _scheduler(cfg, opt, settings.total_steps))
     collate = objective.collator(pad_id)
@@ -150,7 +136,7 @@ def train(cfg, explicit: set[str]) -> RunResult:
     if rank == 0:
         for name in (METRICS_FILE, GENERATIONS_FILE):  # a resumed run logs the later rows again
             drop_rows_after(os.path.join(cfg.output_dir, name), start_step if start_step else -1)
-    tracker = _tracker(cfg, rank)
+    tracker = _tracker(cfg, rank, start_step)
     from dspref.generate import make_sampler
     from dspref.loop import train as train_loop
 
@@ -163,6 +149,8 @@ def train(cfg, explicit: set[str]) -> RunResult:
             ckpt.export_model(engine, tokenizer, cfg.output_dir, merge_adapter=cfg.merge_peft_adapter)
     finally:
         tracker.close()
+    if rank == 0:
+        write_run_plots(cfg.output_dir)  # warns, never raises: figures never cost a run
     return RunResult(engine=engine, tokenizer=tokenizer, step=result.step, stopped_early=result.stopped_early,
                      preempted=result.preempted,
                      last_eval=result.last_eval, output_dir=cfg.output_dir, seconds=time.perf_counter() - started,
@@ -170,6 +158,26 @@ def train(cfg, explicit: set[str]) -> RunResult:
 
 
 # --------------------------------------------------------------------------- set-up pieces
+def build_policy(cfg, objective, model_config, ds_config: dict, pad_id: int):
+    """The policy's scoring module: the model (sharded at birth under ZeRO-3; LoRA-wrapped with
+    ``peft_config``) inside the one scoring forward. Sets the objective's MoE router aux coefficient."""
+    from dspref.logps import make_scorer, resolve_router_aux_coef
+
+    # MoE router aux loss: the coefficient comes from the unwrapped config (TRL issue 2197); 0 for dense models.
+    objective.router_aux_loss_coef = resolve_router_aux_coef(cfg.router_aux_loss_coef, model_config)
+    model = eng.load_model(cfg.model_name_or_path, kind=objective.model_kind, ds_config=ds_config,
+                           random_init=cfg.random_init, init_kwargs=cfg.model_init_kwargs,
+                           trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, pad_token_id=pad_id)
+    eng.prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
+    if cfg.peft_config:
+        has_ref = isinstance(cfg, ReferenceConfig)
+        ref_adapter = (cfg.ref_adapter_name, cfg.ref_adapter_path) if has_ref and cfg.ref_adapter_name else None
+        model = eng.apply_peft(model, cfg.peft_config, kind=objective.model_kind,
+                               adapter_name=cfg.model_adapter_name if has_ref else None, ref_adapter=ref_adapter)
+    return make_scorer(model, objective.model_kind, cfg.logits_chunk_size,
+                       router_aux=objective.router_aux_loss_coef > 0)
+
+
 def _prepare_output_dir(cfg) -> tuple[str | None, list[str]]:
     """Create ``output_dir``; refuse one that holds another run.
 
@@ -203,7 +211,7 @@ def _prepare_output_dir(cfg) -> tuple[str | None, list[str]]:
 _EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                  "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "README.md", "ds_config.json", "wandb_run_id",
-                 MARKER)
+                 TENSORBOARD_DIR, PLOTS_DIR, MARKER)
 
 
 def _run_files(output_dir: str) -> list[str]:
@@ -269,35 +277,41 @@ def load_data(cfg, tokenizer, data_kind: str):
         eval_sources = load_sources(cfg.eval_file)
     elif cfg.dataset_name and cfg.eval_dataset_split:
         eval_sources = load_sources(None, cfg.dataset_name, cfg.dataset_config_name, cfg.eval_dataset_split)
+    train_ds, eval_ds = tokenize_sources(cfg, tokenizer, data_kind, train_sources, eval_sources,
+                                         eval_split_ratio=cfg.eval_split_ratio)
+    if data_kind == "unpaired":
+        _check_classes(cfg, train_ds)
+    if eval_ds is not None and len(eval_ds) == 0:
+        eval_ds = None
+    return train_ds, eval_ds
+
+
+def tokenize_sources(cfg, tokenizer, data_kind: str, train_sources, eval_sources, *, eval_split_ratio: float):
+    """``(train, eval or None)`` datasets of loaded sources, built as ``data_kind`` needs (see :func:`load_data`)."""
     chat_template = None
     if cfg.chat_template_path:
         with open(cfg.chat_template_path, encoding="utf-8") as f:
             chat_template = f.read()
-    common = dict(eval_split_ratio=cfg.eval_split_ratio, seed=cfg.seed, max_length=cfg.max_length,
+    common = dict(eval_split_ratio=eval_split_ratio, seed=cfg.seed, max_length=cfg.max_length,
                   num_proc=cfg.dataset_num_proc, chat_template=chat_template)
     if data_kind == "unpaired":
         from dspref.data.unpaired import build_unpaired_datasets
 
         # BCO's UDM embeds the prompts' text (chat template applied)
         keep_prompt_text = cfg.method == "bco" and bool(cfg.embedding_model_name_or_path)
-        train_ds, eval_ds = build_unpaired_datasets(
+        return build_unpaired_datasets(
             train_sources, eval_sources, tokenizer, max_prompt_length=cfg.max_prompt_length,
             max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode,
             keep_prompt_text=keep_prompt_text, **common)
-        _check_classes(cfg, train_ds)
-    elif data_kind == "reward":
+    if data_kind == "reward":
         from dspref.data.reward import build_reward_datasets
 
-        train_ds, eval_ds = build_reward_datasets(train_sources, eval_sources, tokenizer, **common)
-    else:
-        from dspref.data.tokenize import build_paired_datasets
+        return build_reward_datasets(train_sources, eval_sources, tokenizer, **common)
+    from dspref.data.tokenize import build_paired_datasets
 
-        train_ds, eval_ds = build_paired_datasets(
-            train_sources, eval_sources, tokenizer, max_prompt_length=cfg.max_prompt_length,
-            max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode, **common)
-    if eval_ds is not None and len(eval_ds) == 0:
-        eval_ds = None
-    return train_ds, eval_ds
+    return build_paired_datasets(
+        train_sources, eval_sources, tokenizer, max_prompt_length=cfg.max_prompt_length,
+        max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode, **common)
 
 
 def _read_model_config(cfg, model_kind: str):
@@ -441,12 +455,12 @@ def _scheduler(cfg, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _tracker(cfg, rank: int):
+def _tracker(cfg, rank: int, start_step: int):
     if rank != 0:
         return NullTracker()
     report_to = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
     return Tracker(cfg.output_dir, report_to=report_to, config=config_to_dict(cfg), run_name=cfg.run_name,
-                   project=cfg.wandb_project)
+                   project=cfg.wandb_project, start_step=start_step)
 
 
 def _main_process_first(rank: int, fn):

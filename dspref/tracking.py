@@ -1,4 +1,4 @@
-"""One metrics logger: ``metrics.jsonl`` + console + Weights & Biases, on rank 0 only.
+"""One metrics logger: ``metrics.jsonl`` + console + Weights & Biases + TensorBoard, on rank 0 only.
 
 Other ranks hold a :class:`NullTracker`, so callers never test the rank themselves.
 """
@@ -17,6 +17,7 @@ log = logging.getLogger("dspref")
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 GENERATIONS_FILE = "generations.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class NullTracker:
@@ -36,15 +37,20 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """Appends each row to ``output_dir/metrics.jsonl``, prints it, and forwards it to W&B."""
+    """Appends each row to ``output_dir/metrics.jsonl``, prints it, and forwards it to W&B and TensorBoard.
+
+    ``start_step``: the step a resumed run continues from; TensorBoard then discards the events an
+    earlier attempt logged after it, as ``metrics.jsonl`` drops its rows past it.
+    """
 
     def __init__(self, output_dir: str, *, report_to: list[str], config: dict, run_name: str | None,
-                 project: str, console=None):
+                 project: str, console=None, start_step: int = 0):
         self.path = os.path.join(output_dir, METRICS_FILE)
         self.console = console or (lambda line: print(line, flush=True))
         self.wandb = None
         if "wandb" in report_to:
             self.wandb = _start_wandb(output_dir, config=config, run_name=run_name, project=project)
+        self.tensorboard = _start_tensorboard(output_dir, start_step) if "tensorboard" in report_to else None
 
     def log(self, row: dict) -> None:
         # One line per row, flushed: a reader (or a crash) sees whole rows only.
@@ -54,6 +60,12 @@ class Tracker(NullTracker):
         if self.wandb is not None:
             step = row["step"]
             self.wandb.log({_wandb_name(k): v for k, v in row.items() if k != "step"}, step=step)
+        if self.tensorboard is not None:
+            # The metric names of metrics.jsonl, so curves and rows are found under one name everywhere.
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, global_step=row["step"])
+            self.tensorboard.flush()  # a run killed later keeps every row it logged
 
     def write(self, message: str) -> None:
         self.console(message)
@@ -76,6 +88,9 @@ class Tracker(NullTracker):
             self.wandb.log({"eval/generations": table}, step=step)
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -106,6 +121,14 @@ def _start_wandb(output_dir: str, *, config: dict, run_name: str | None, project
                       resume="allow", dir=output_dir, config=config)
 
 
+def _start_tensorboard(output_dir: str, start_step: int):
+    """A SummaryWriter under ``output_dir/tensorboard``; on resume, events past ``start_step`` are purged."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=os.path.join(output_dir, TENSORBOARD_DIR),
+                         purge_step=start_step + 1 if start_step else None)
+
+
 def format_row(row: dict) -> str:
     """Compact console form of a metrics row."""
     parts = []
@@ -131,6 +154,37 @@ def read_metrics(path: str) -> list[dict]:
                 log.warning("%s: skipping truncated last line %d", path, i + 1)
                 continue
             raise ValueError(f"{path} line {i + 1} is not valid JSON") from None
+    return rows
+
+
+class MetricsError(ValueError):
+    """A run folder whose ``metrics.jsonl`` is missing, empty or unreadable (the message names it and the fix)."""
+
+
+def read_run_metrics(output_dir: str) -> list[dict]:
+    """The rows of ``output_dir/metrics.jsonl`` for reports (plots, comparisons).
+
+    A truncated last line is skipped with a warning (:func:`read_metrics`); a missing file, a damaged
+    line elsewhere or a file with no rows is a :class:`MetricsError`.
+    """
+    path = os.path.join(output_dir, METRICS_FILE)
+    if not os.path.isdir(output_dir):
+        raise MetricsError(f"{output_dir}: no such folder; pass the output_dir of a dspref run")
+    if not os.path.isfile(path):
+        raise MetricsError(f"{output_dir} has no {METRICS_FILE}; pass the output_dir of a dspref run (the folder "
+                           f"training writes {METRICS_FILE} into)")
+    try:
+        rows = read_metrics(path)
+    except UnicodeDecodeError:
+        raise MetricsError(f"{path} is not UTF-8 text; it is not a dspref metrics file") from None
+    except ValueError as e:
+        raise MetricsError(f"{e}; repair or delete that line") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise MetricsError(f"{path}: row {i + 1} is not a metrics row (a JSON object with an integer 'step'); "
+                               f"repair or delete it")
+    if not rows:
+        raise MetricsError(f"{path} holds no rows yet; plot or compare the run once it has logged a step")
     return rows
 
 

@@ -94,6 +94,22 @@ def read_metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def save_tiny_bert(folder) -> str:
+    """A tiny random BERT (the UDM prompt embedder in tests) with the demo's word-level tokenizer, saved to ``folder``."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=19, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=3, type_vocab_size=2)
+    BertModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_MODEL / name, Path(folder) / name)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """(train.jsonl with 64 demo rows, eval.jsonl with 16 rows)."""

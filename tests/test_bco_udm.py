@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import math
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from conftest import DEMO_MODEL, free_port
+from conftest import free_port, save_tiny_bert
 from dspref import engine as eng
 from dspref.config import ConfigError
 from dspref.data.unpaired import UnpairedCollator
@@ -35,21 +34,9 @@ PAD = 3
 BETA = 0.5
 
 
-def _save_tiny_bert(folder) -> str:
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=19, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=PAD, type_vocab_size=2)
-    BertModel(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(DEMO_MODEL / name, folder / name)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def bert_path(tmp_path_factory):
-    return _save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="module")

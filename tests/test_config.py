@@ -363,7 +363,7 @@ def test_config_to_dict_is_a_copy():
     (["--eval_split_ratio", "0.1", "--eval_file", "e.jsonl"],
      "eval_split_ratio holds out training rows only when no eval data is given; "
      "drop it or drop eval_file / eval_dataset_split"),
-    (["--report_to", "tensorboard"], "report_to accepts wandb | none, got ['tensorboard']"),
+    (["--report_to", "mlflow"], "report_to accepts wandb | tensorboard | none (alone or as a list), got ['mlflow']"),
     (["--report_to", "wandb,none"], "report_to cannot combine none with a tracker, got ['wandb', 'none']"),
     (["--max_prompt_length", "1024"], "max_prompt_length (1024) must be smaller than max_length (1024)"),
     (["--max_length", "0"], "max_length must be >= 1 or none, got 0"),

@@ -24,6 +24,7 @@ class Objective(Protocol):
     router_aux_loss_coef: float  # weight of the policy's MoE router aux loss (set by run.py; 0 = off)
     metric_reductions: dict[str, str]  # name -> "pooled" | "total" (default: mean of micro-batch means)
     derived_metrics: dict[str, tuple[str, str]]  # name -> (a, b): logged as a − b when both are present
+    state_metrics: tuple[str, ...]  # metrics that depend on the state saved with checkpoints (BCO's δ, UDM)
 
     def collator(self, pad_token_id: int) -> Callable[[list[dict]], dict]:
         """Rows of the tokenized dataset -> batch tensors."""
@@ -49,6 +50,7 @@ class Stateless:
     """Mixin for objectives that carry no state across steps."""
 
     router_aux_loss_coef: float = 0.0
+    state_metrics: tuple[str, ...] = ()
 
     def state_dict(self) -> dict:
         return {}

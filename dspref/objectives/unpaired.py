@@ -115,6 +115,8 @@ class BCOObjective(_Unpaired):
     """
 
     metric_reductions = {**_REDUCTIONS, "udm_weight": "pooled"}
+    # The loss is centred on the running δ and weighted by the UDM classifier: a model without them has neither.
+    state_metrics = ("loss", "delta", "udm_weight")
 
     def __init__(self, *, beta, max_length, embedding_model_name_or_path=None, embedder=None,
                  prompt_sample_size: int = 1024, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0,
