@@ -41,7 +41,7 @@ run_and_requeue() {
   "$@"
   status=$?
   if [ -f "$marker" ]; then
-    echo "dspref slurm: preempted: $(cat "$marker"); requeueing job $SLURM_JOB_ID"
+    echo "dspref slurm: preempted: $(tr -d '\n' <"$marker"); requeueing job $SLURM_JOB_ID"
     if scontrol requeue "$SLURM_JOB_ID"; then
       exit 0
     fi
