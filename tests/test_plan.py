@@ -4,6 +4,8 @@ the DeepSpeed JSON it writes, and bad input. Models are tiny configs or built on
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import subprocess
 import sys
 from dataclasses import replace
@@ -274,3 +276,13 @@ def test_bad_memory_sizes(text):
     with pytest.raises(PlanError, match="cannot parse"):
         P.parse_memory(text)
 
+
+def test_readme_plans_are_the_planners_output():
+    """The "Will it fit?" section pastes real `dspref plan` output; regenerate it when the model changes."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```text\n(.*?)```", readme, flags=re.S) if b.startswith("$ dspref plan ")]
+    assert len(blocks) == 6
+    for block in blocks:
+        command, expected = block.split("\n", 1)
+        _, actual = P.run_plan(shlex.split(command)[3:])
+        assert actual.strip() == expected.strip(), command
