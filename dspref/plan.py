@@ -280,10 +280,13 @@ def _head_module(model, kind: str):
 
 
 def _decoder_layers(model):
+    """The decoder's layer list: a ModuleList child of the base model (``model.layers``), so that an
+    MoE block's list of experts is never taken for it."""
     from torch import nn
 
     base = getattr(model, model.base_model_prefix, model)
-    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
+    lists = [m for _, m in base.named_children() if isinstance(m, nn.ModuleList)]
+    lists = lists or [m for m in base.modules() if isinstance(m, nn.ModuleList)]
     return max(lists, key=len) if lists else []
 
 
@@ -686,6 +689,8 @@ def ds_config_for(setup: Setup, inp: PlanInputs) -> dict:
 
 def recipe_options(setup: Setup, inp: PlanInputs, lora: Optional[LoraSpec], model: str) -> dict:
     """The dspref options (YAML keys) that go with the setup's DeepSpeed JSON."""
+    if model in PRESETS:
+        model = f"<folder or hub name of {model}>"  # a preset is a shape, not weights
     opts: dict = {"per_device_train_batch_size": inp.micro_batch, "max_length": inp.max_length,
                   "gradient_checkpointing": setup.gradient_checkpointing,
                   "logits_chunk_size": inp.logits_chunk_size if setup.chunked_logits
