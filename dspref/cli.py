@@ -1,4 +1,4 @@
-"""``dspref`` console script: ``dspref <train | score | eval | plot | compare> [options]``."""
+"""``dspref`` console script: ``dspref <train | score | eval | plot | compare | export-checkpoint | plan> [options]``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ commands:
   export-checkpoint
            a checkpoint's weights as a Hugging Face model (or LoRA adapter), whatever the rank count
            wrote it: dspref export-checkpoint OUTPUT_DIR/checkpoint-N MODEL_DIR
+  plan     will it fit? per-GPU/host memory of ZeRO stage x offload x reference setups, from the model config
+           only: dspref plan --model llama-2-7b --method kto --gpus-per-node 8 [--write-ds-config ds.json]
 
 Multi-process runs go through a launcher, e.g.
   deepspeed launch/train.py --ds_config ds_configs/zero3.json --config launch/configs/cpo.yaml
@@ -26,7 +28,8 @@ Multi-process runs go through a launcher, e.g.
 
 # command -> module whose main(argv) runs it
 COMMANDS = {"train": "dspref.run", "score": "dspref.score", "eval": "dspref.eval_model", "plot": "dspref.plots",
-            "compare": "dspref.compare", "export-checkpoint": "dspref.export"}
+            "compare": "dspref.compare", "export-checkpoint": "dspref.export",
+            "plan": "dspref.plan"}
 
 
 def main(argv: list[str] | None = None) -> int:
