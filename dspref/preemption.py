@@ -32,7 +32,9 @@ EXIT_PREEMPTED = 3  # the process exit status of a run that stopped for a signal
 
 
 class Preemption:
-    """Catches the stop signals for the duration of a ``with`` block (restoring the old handlers)."""
+    """Catches the stop signals for the duration of a ``with`` block. The old handlers come back on
+    exit unless a signal arrived: then the process is on its way out (checkpoint written, exit
+    status 3 to report), and a second SIGTERM must not kill it first."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -44,6 +46,8 @@ class Preemption:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.signal:  # stopping: a further signal must not kill the process before it exits with its status
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

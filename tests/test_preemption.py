@@ -83,6 +83,11 @@ def test_sigterm_on_one_rank_saves_requeues_and_resumes_exactly(tmp_path, small_
     psutil.Process(rank1).send_signal(signal.SIGTERM)
     time.sleep(0.05)
     psutil.Process(rank1).send_signal(signal.SIGTERM)  # a second one, typically while saving
+    _wait_for(lambda: (out / "preempted.json").exists() or proc.poll() is not None, "the marker")
+    try:  # and a third after the save: the process still exits with its own status, not killed
+        psutil.Process(rank1).send_signal(signal.SIGTERM)
+    except psutil.NoSuchProcess:
+        pass
     proc.wait(timeout=240)
     log = (tmp_path / "first.log").read_text()
     marker = json.loads((out / "preempted.json").read_text())
