@@ -58,7 +58,8 @@ def gather_rows(rows: list[dict]) -> list[dict]:
     world = torch.distributed.get_world_size()
     parts = [None] * world
     torch.distributed.all_gather_object(parts, rows)
-    return sorted((row for part in parts for row in part), key=lambda row: row.pop("position"))
+    rows = sorted((row for part in parts for row in part), key=lambda row: row["position"])
+    return [{k: v for k, v in row.items() if k != "position"} for row in rows]
 
 
 class CompletionSampler:
@@ -135,10 +136,10 @@ class PairScorer:
             rewards = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["rewards"]
         chosen, rejected = rewards.float().cpu().chunk(2)
         local = []
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         for k, (p, pair) in enumerate(zip(positions, pairs)):
             a, b = list(pair["chosen_ids"]), list(pair["rejected_ids"])
             n = _common_prefix(a, b)  # the implicit prompt
-            decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
             local.append({"position": p, "row": self.rows[p], "prompt": decode(a[:n]), "chosen": decode(a[n:]),
                           "rejected": decode(b[n:]), "score_chosen": chosen[k].item(),
                           "score_rejected": rejected[k].item()})

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,16 @@ def saved_base(tmp_path_factory):
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(DEMO_MODEL)).save_pretrained(path)
     AutoTokenizer.from_pretrained(DEMO_MODEL).save_pretrained(path)
     return path
+
+
+def wait_for(predicate, what: str, *, timeout: float = 240, interval: float = 0.05, logs=()):
+    """Poll ``predicate`` until it returns something truthy (returned); on timeout fail, with the
+    tails of ``logs`` (paths) in the message."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:] if p.exists() else '(none)'}" for p in logs)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{tails}")

@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from conftest import base_args, launch, read_metrics, start
+from conftest import base_args, launch, read_metrics, start, wait_for
 
 pytestmark = pytest.mark.slow
 STEPS = 100
@@ -42,16 +42,6 @@ def _rank_pid(proc, rank: int) -> int:
                 return child.pid
         time.sleep(0.1)
     raise AssertionError("rank process not found")
-
-
-def _wait_for(predicate, what: str, timeout: float = 240):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _logged_step(out) -> int:
@@ -79,11 +69,11 @@ def test_sigterm_on_one_rank_saves_requeues_and_resumes_exactly(tmp_path, small_
     out = tmp_path / "run"
     proc = start(_args(out, small_data[0]), nprocs=2, log_path=tmp_path / "first.log")
     rank1 = _rank_pid(proc, 1)
-    _wait_for(lambda: _logged_step(out) >= 3, "step 3")
+    wait_for(lambda: _logged_step(out) >= 3, "step 3")
     psutil.Process(rank1).send_signal(signal.SIGTERM)
     time.sleep(0.05)
     psutil.Process(rank1).send_signal(signal.SIGTERM)  # a second one, typically while saving
-    _wait_for(lambda: (out / "preempted.json").exists() or proc.poll() is not None, "the marker")
+    wait_for(lambda: (out / "preempted.json").exists() or proc.poll() is not None, "the marker")
     try:  # and a third after the save: the process still exits with its own status, not killed
         psutil.Process(rank1).send_signal(signal.SIGTERM)
     except psutil.NoSuchProcess:
@@ -123,7 +113,7 @@ def test_sigkill_mid_run_leaves_a_loadable_checkpoint(tmp_path, small_data, unin
     out = tmp_path / "run"
     proc = start(_args(out, small_data[0], save_steps=5), nprocs=2, log_path=tmp_path / "first.log")
     rank0 = _rank_pid(proc, 0)
-    _wait_for(lambda: (out / "latest").exists() and _logged_step(out) >= 12, "a checkpoint and step 12")
+    wait_for(lambda: (out / "latest").exists() and _logged_step(out) >= 12, "a checkpoint and step 12")
     psutil.Process(rank0).send_signal(signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0

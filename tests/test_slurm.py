@@ -16,12 +16,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_metrics
+from conftest import ROOT, read_metrics, wait_for
 
 pytestmark = [
     pytest.mark.slurm,
@@ -81,17 +80,6 @@ def _job(cluster, job: str) -> dict:
     return dict(tok.split("=", 1) for tok in proc.stdout.split() if "=" in tok)
 
 
-def _wait(predicate, what: str, logs: list[Path], timeout: float = 240):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:] if p.exists() else '(none)'}" for p in logs)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{tails}")
-
-
 def _logged_step(out: Path) -> int:
     path = out / "metrics.jsonl"
     lines = [line for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
@@ -118,16 +106,17 @@ def test_preempted_deepspeed_job_requeues_and_resumes_as_an_uninterrupted_torchr
     ref_job = _submit(cluster, "torchrun.sbatch", ref_out, ref_log)
     job = _submit(cluster, "deepspeed.sbatch", out, log)
 
-    _wait(lambda: _logged_step(out) >= 3, "the deepspeed job to log step 3", [log])
+    wait_for(lambda: _logged_step(out) >= 3, "the deepspeed job to log step 3", interval=0.5, logs=[log])
     signal = subprocess.run(["scancel", "--signal=TERM", job], env={**os.environ, **cluster}, capture_output=True,
                             text=True, timeout=30)
     assert signal.returncode == 0, signal.stderr
     # Slurm holds a requeued job back (BeginTime, about 2 minutes here); start it now, to keep the test short
-    _wait(lambda: (lambda i: i if i["Restarts"] == "1" and i["JobState"] == "PENDING" else None)(
-        _job(cluster, job)), "the deepspeed job to be requeued", [log])
+    wait_for(lambda: (lambda i: i if i["Restarts"] == "1" and i["JobState"] == "PENDING" else None)(
+        _job(cluster, job)), "the deepspeed job to be requeued", interval=0.5, logs=[log])
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env={**os.environ, **cluster},
                    capture_output=True, timeout=30)
-    final = _wait(lambda: _ended(cluster, job, restarts=1), "the requeued deepspeed job to end", [log])
+    final = wait_for(lambda: _ended(cluster, job, restarts=1), "the requeued deepspeed job to end", interval=0.5,
+                     logs=[log])
     text = log.read_text()
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", (final, text[-4000:])
 
@@ -146,7 +135,8 @@ def test_preempted_deepspeed_job_requeues_and_resumes_as_an_uninterrupted_torchr
     assert not (out / "preempted.json").exists()
     assert (out / "model.safetensors").exists()
 
-    ref_final = _wait(lambda: _ended(cluster, ref_job, restarts=0), "the torchrun job to end", [ref_log])
+    ref_final = wait_for(lambda: _ended(cluster, ref_job, restarts=0), "the torchrun job to end", interval=0.5,
+                         logs=[ref_log])
     assert ref_final["JobState"] == "COMPLETED" and ref_final["ExitCode"] == "0:0", \
         (ref_final, ref_log.read_text()[-4000:])
     reference, resumed = _losses(ref_out), _losses(out)
