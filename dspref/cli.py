@@ -33,6 +33,7 @@ COMMANDS = {"train": "dspref.run", "score": "dspref.score", "eval": "dspref.eval
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_process = argv is None  # the console script / ``python -m dspref.cli``, not a caller in-process
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -42,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         # Imported only when run: plot and compare never load torch.
-        return importlib.import_module(COMMANDS[command]).main(rest)
+        status = importlib.import_module(COMMANDS[command]).main(rest)
+        if as_process and command == "train":
+            from dspref.run import exit_process
+
+            exit_process(status)  # a training process ends without interpreter teardown (see exit_process)
+        return status
     print(f"dspref: error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

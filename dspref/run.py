@@ -78,6 +78,31 @@ def main(argv: list[str]) -> int:
     return EXIT_PREEMPTED if result.preempted else 0
 
 
+def exit_process(status: int) -> None:
+    """End a training process with ``status`` without running interpreter teardown.
+
+    Everything a run writes is closed by then (checkpoints are atomic, the tracker is closed in
+    ``train``). What is left are C++ threads of the communication backends (gloo, DeepSpeed's
+    shm op); tearing them down in interpreter finalisation can abort the process with
+    ``terminate called without an active exception`` (exit 250) after a run that succeeded.
+    So: flush, leave the process group, then ``os._exit``.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the status is what matters now; never turn success into a crash
+        pass
+    os._exit(status)
+
+
 def train(cfg, explicit: set[str]) -> RunResult:
     """Run training as configured; every rank calls this. Returns the live engine (tests use it)."""
     started = time.perf_counter()

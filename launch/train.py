@@ -11,7 +11,7 @@ import sys
 # Run from a checkout without installing: the repository root holds the `dspref` package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dspref.run import main  # noqa: E402
+from dspref.run import exit_process, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_process(main(sys.argv[1:]))  # flush, leave the process group, skip interpreter teardown
