@@ -41,11 +41,13 @@ class SequenceScorer(nn.Module):
     ``aux_row_mask`` (N,) bool in ``forward`` keeps rows out of the aux loss (KTO's KL rows).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, *, router_aux: bool = False):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, *, router_aux: bool = False,
+                 pack_tokens: Optional[int] = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.router_aux = router_aux
+        self.pack_tokens = pack_tokens  # padding-free: bin size in tokens (see pack_rows); None = padded rows
 
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, aux_row_mask=None,
                 router_aux=None):
@@ -55,27 +57,44 @@ class SequenceScorer(nn.Module):
             self.model, input_ids, attention_mask, completion_mask,
             chunk_size=self.chunk_size, position_ids=position_ids,
             router_aux=self.router_aux if router_aux is None else router_aux, aux_row_mask=aux_row_mask,
+            pack_tokens=self.pack_tokens,
         )
 
 
 def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_size=1024, position_ids=None,
-                    router_aux=False, aux_row_mask=None):
+                    router_aux=False, aux_row_mask=None, pack_tokens=None):
     """Per-sequence summed completion log-probs of ``model`` without full logits (see module doc).
 
     With ``router_aux`` and an MoE model (see :func:`moe_aux_spec`) the backbone also returns its
     router logits and the result carries ``aux_loss``, the family's load-balancing loss over the
     non-padding tokens of the rows ``aux_row_mask`` keeps (all rows when it is None).
+
+    ``pack_tokens`` (padding-free): the rows' real tokens are packed into bins of at most that many
+    tokens (:func:`pack_rows`) and the backbone runs on the bins, with ``position_ids`` restarting at
+    each sequence and no attention mask, so that transformers attends within each sequence only
+    (block-diagonal causal mask for sdpa/eager; variable-length kernels for flash-attention). The
+    result is indexed by the original rows, as without packing.
     """
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     spec = moe_aux_spec(model) if router_aux else None
     extra = {"output_router_logits": True} if spec is not None else {}
-    out = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra,
-    )
-    hidden = out.last_hidden_state  # (N, T, H)
     # Position t predicts token t+1: keep only the positions whose target is a completion token.
     target_mask = completion_mask[:, 1:].bool()  # (N, T-1)
-    states = hidden[:, :-1][target_mask]  # (M, H)
+    packed = pack_rows(attention_mask, pack_tokens) if pack_tokens else None
+    if packed is None:
+        out = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra,
+        )
+        hidden = out.last_hidden_state  # (N, T, H)
+        states = hidden[:, :-1][target_mask]  # (M, H)
+        aux_mask = attention_mask
+    else:
+        out = backbone(input_ids=packed.gather(input_ids), attention_mask=None, position_ids=packed.position_ids,
+                       use_cache=False, **extra)
+        hidden = out.last_hidden_state  # (bins, L, H)
+        states = packed.states(hidden, target_mask)  # (M, H), the same rows in the same order as above
+        aux_mask = packed.token_mask(aux_row_mask)
+        aux_row_mask = None  # folded into aux_mask
     targets = input_ids[:, 1:][target_mask]  # (M,)
     seq_index = target_mask.nonzero()[:, 0]  # (M,) which sequence each position belongs to
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -83,7 +102,7 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
     # Filler chunks read a zero row tied to the hidden states: their backward must finish before
     # the backbone's (autograd waits for every consumer of `hidden`), so every rank makes its
     # head calls in the same order relative to the layers' parameter gathers.
-    anchor = hidden[:1, 0] * 0  # (1, H)
+    anchor = hidden[0, :1] * 0  # (1, H)
     token_logps, token_logit_means, filler = _chunked_token_logps(head, states, targets, chunk_size, softcap, anchor)
     n = input_ids.shape[0]
     logps = hidden.new_zeros(n, dtype=torch.float32).index_add(0, seq_index, token_logps)
@@ -92,8 +111,90 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
     token_counts = target_mask.sum(dim=1)
     result = {"logps": logps, "token_counts": token_counts, "logits_sum": logits_sum}
     if spec is not None:
-        result["aux_loss"] = spec.loss(out.router_logits, attention_mask, aux_row_mask)
+        result["aux_loss"] = spec.loss(out.router_logits, aux_mask, aux_row_mask)
     return result
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Where each real token of a padded ``(N, T)`` batch sits in the packed ``(bins, L)`` batch.
+
+    ``flat`` (N, T) long: index into the flattened bins of each real token, −1 on padding.
+    ``position_ids`` (bins, L): 0, 1, … within each sequence; the unused tail of a bin counts as one
+    more sequence of its own (its outputs are never read). ``row_of`` (bins, L): the source row of
+    each packed token, −1 on the tail.
+    """
+
+    flat: torch.Tensor
+    position_ids: torch.Tensor
+    row_of: torch.Tensor
+
+    def gather(self, values: torch.Tensor, fill=0) -> torch.Tensor:
+        """``values`` (N, T) laid out as the bins (bins, L); ``fill`` in the tails."""
+        out = values.new_full((self.row_of.numel(),), fill)
+        real = self.flat >= 0
+        out[self.flat[real]] = values[real]
+        return out.view_as(self.row_of)
+
+    def states(self, hidden: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(M, H)`` of the positions predicting the targets ``target_mask`` (N, T-1) keeps."""
+        index = self.flat[:, :-1][target_mask]
+        if (index < 0).any():  # a target whose predecessor is padding: left padding with an empty prompt
+            raise ValueError("padding_free: a completion token follows a padding token; pad on the right")
+        return hidden.reshape(-1, hidden.shape[-1])[index]
+
+    def token_mask(self, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(bins, L) long: 1 on real tokens of the rows ``row_mask`` keeps (all rows when None)."""
+        keep = self.row_of >= 0
+        if row_mask is not None:
+            keep = keep & row_mask.to(keep.device)[self.row_of.clamp(min=0)]
+        return keep.long()
+
+    def index_of(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat packed index of token ``positions[i]`` of row ``rows[i]``."""
+        return self.flat[rows, positions]
+
+
+def pack_rows(attention_mask: torch.Tensor, bin_tokens: int) -> PackedRows:
+    """Pack the rows' real tokens (``attention_mask`` 1; contiguous in each row) into bins.
+
+    First-fit decreasing: rows longest first, each into the first bin with room for it, bins of
+    ``max(bin_tokens, longest row)`` tokens; a row is never split. ``L`` is the fullest bin's fill.
+    The order of rows inside a bin follows the batch order, so the packing is deterministic.
+    Attention over a bin costs ~L² with a dense block-diagonal mask, which is why bins are bounded
+    (variable-length kernels do not pay it).
+    """
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1).tolist()
+    capacity = max([int(bin_tokens)] + lengths)
+    fills: list[int] = []
+    members: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        for b, fill in enumerate(fills):
+            if fill + lengths[row] <= capacity:
+                fills[b] += lengths[row]
+                members[b].append(row)
+                break
+        else:
+            fills.append(lengths[row])
+            members.append([row])
+    width = max(fills) if fills else 1
+    n_rows, n_cols = mask.shape
+    flat = torch.full((n_rows, n_cols), -1, dtype=torch.long)
+    position_ids = torch.zeros(len(fills), width, dtype=torch.long)
+    row_of = torch.full((len(fills), width), -1, dtype=torch.long)
+    columns = torch.arange(n_cols)
+    for b, rows in enumerate(members):
+        offset = 0
+        for row in sorted(rows):
+            n = lengths[row]
+            flat[row, columns[mask[row].cpu()]] = b * width + offset + torch.arange(n)
+            position_ids[b, offset:offset + n] = torch.arange(n)
+            row_of[b, offset:offset + n] = row
+            offset += n
+        position_ids[b, offset:] = torch.arange(width - offset)
+    device = attention_mask.device
+    return PackedRows(flat=flat.to(device), position_ids=position_ids.to(device), row_of=row_of.to(device))
 
 
 @dataclass(frozen=True)
@@ -224,15 +325,24 @@ class RewardScorer(nn.Module):
     classifier's own ``aux_loss`` output when it has one, else the family's load-balancing loss
     over the router logits its base model returns (captured with a forward hook, since the
     generic classification heads drop them), padding excluded.
+
+    ``pack_tokens`` (padding-free): the backbone runs on packed bins (:func:`pack_rows`) and the
+    head only on the one position per sequence that is scored; needs a classifier whose head is
+    ``score`` on top of its base model (the Llama/Qwen/Mistral/Gemma family layout).
     """
 
-    def __init__(self, model: nn.Module, *, router_aux: bool = False):
+    def __init__(self, model: nn.Module, *, router_aux: bool = False, pack_tokens: Optional[int] = None):
         super().__init__()
         self.model = model
         self.router_aux = router_aux
+        self.pack_tokens = pack_tokens
+        if pack_tokens:
+            classifier_parts(model)  # refuse a layout packing cannot serve before any training
 
     def forward(self, input_ids, attention_mask):
         spec = moe_aux_spec(self.model) if self.router_aux else None
+        if self.pack_tokens:
+            return self._packed(input_ids, attention_mask, spec)
         if spec is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, 1)
             return {"rewards": logits.squeeze(-1).float()}
@@ -258,16 +368,50 @@ class RewardScorer(nn.Module):
                             attention_mask)
         return {"rewards": out.logits.squeeze(-1).float(), "aux_loss": aux}
 
+    def _packed(self, input_ids, attention_mask, spec):
+        base, head, pad_id = classifier_parts(self.model)
+        packed = pack_rows(attention_mask, self.pack_tokens)
+        extra = {"output_router_logits": True} if spec is not None else {}
+        out = base(input_ids=packed.gather(input_ids), attention_mask=None, position_ids=packed.position_ids,
+                   use_cache=False, **extra)
+        hidden = out.last_hidden_state  # (bins, L, H)
+        # The scored position, as transformers finds it on the padded row: the rightmost non-pad id.
+        n, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device)
+        if pad_id is None:
+            last = torch.full((n,), t - 1, dtype=torch.long, device=input_ids.device)
+        else:
+            last = (positions * (input_ids != pad_id) * attention_mask.bool()).argmax(dim=-1)
+        index = packed.index_of(torch.arange(n, device=input_ids.device), last)
+        rewards = head(hidden.reshape(-1, hidden.shape[-1])[index]).squeeze(-1).float()  # (N,)
+        result = {"rewards": rewards}
+        if spec is not None:
+            result["aux_loss"] = spec.loss(out.router_logits, packed.token_mask())
+        return result
 
-def make_scorer(model: nn.Module, kind: str, chunk_size: int, *, router_aux: bool = False) -> nn.Module:
+
+def classifier_parts(model: nn.Module):
+    """``(base model, score head, pad_token_id)`` of a ``*ForSequenceClassification`` (under PEFT too)."""
+    hf = _hf_model(model)
+    base = getattr(hf, getattr(hf, "base_model_prefix", "model"), None)
+    head = getattr(hf, "score", None)
+    if not isinstance(base, nn.Module) or base is hf or not isinstance(head, nn.Module):
+        raise ValueError(f"padding_free: {type(hf).__name__} has no base model + `score` head that dspref can run "
+                         f"on packed rows; set padding_free: false for this model")
+    return base, head, getattr(hf.config, "pad_token_id", None)
+
+
+def make_scorer(model: nn.Module, kind: str, chunk_size: int, *, router_aux: bool = False,
+                pack_tokens: Optional[int] = None) -> nn.Module:
     """The scoring module an engine wraps: completion log-probs (causal LM) or rewards (classifier).
 
     ``router_aux`` (the policy's, never a reference's): also return the MoE router aux loss.
+    ``pack_tokens``: padding-free bins of at most that many tokens (None: padded rows).
     """
     if kind == "causal-lm":
-        return SequenceScorer(model, chunk_size, router_aux=router_aux)
+        return SequenceScorer(model, chunk_size, router_aux=router_aux, pack_tokens=pack_tokens)
     if kind == "sequence-classification":
-        return RewardScorer(model, router_aux=router_aux)
+        return RewardScorer(model, router_aux=router_aux, pack_tokens=pack_tokens)
     raise ValueError(f"unknown model kind {kind!r}")
 
 

@@ -39,6 +39,7 @@ class LoopSettings:
     stop_after_steps: int | None
     output_dir: str
     seed: int
+    group_by_length: bool = False
 
 
 @dataclass
@@ -56,14 +57,49 @@ def micro_batches_per_epoch(n_rows: int, *, world_size: int, micro_batch: int, a
     return per_rank - per_rank % accumulation
 
 
-def train_order(n_rows: int, *, epoch: int, seed: int, rank: int, world_size: int, micro_batch: int) -> list[list[int]]:
-    """This rank's micro-batches (row indices) for ``epoch``: a seeded shuffle, strided over ranks."""
+MEGA_BATCH = 50  # micro-batches per length-sorted group (transformers' LengthGroupedSampler uses 50 too)
+
+
+def train_order(n_rows: int, *, epoch: int, seed: int, rank: int, world_size: int, micro_batch: int,
+                lengths: list[int] | None = None) -> list[list[int]]:
+    """This rank's micro-batches (row indices) for ``epoch``: a seeded shuffle, strided over ranks.
+
+    With ``lengths`` (one per row; ``group_by_length``), this rank's shuffled rows are cut into groups of
+    ``MEGA_BATCH`` micro-batches and each group is sorted longest first before it is cut into
+    micro-batches: rows of similar length share a batch (less padding), each rank still sees the same
+    rows as without grouping, and the order stays a pure function of (seed, epoch, rank).
+    """
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n_rows, generator=g)
     usable = (n_rows // world_size) * world_size
     mine = order[:usable][rank::world_size].tolist()
     n = len(mine) // micro_batch
+    mine = mine[:n * micro_batch]
+    if lengths is not None:
+        size = MEGA_BATCH * micro_batch
+        mine = [row for start in range(0, len(mine), size)
+                for row in sorted(mine[start:start + size], key=lambda r: -lengths[r])]
     return [mine[i * micro_batch:(i + 1) * micro_batch] for i in range(n)]
+
+
+def trained_tokens(batch: dict) -> int:
+    """Non-padding tokens of the sequences the policy trains on (KTO's KL rows excluded): tokens/s counts these."""
+    rows = batch.get("trained_rows")
+    mask = batch["attention_mask"] if rows is None else batch["attention_mask"][:rows]
+    return int(mask.sum())
+
+
+def row_lengths(dataset) -> list[int]:
+    """Tokens of each row's longest sequence: prompt + the longer of chosen/rejected, or prompt + completion."""
+    columns = set(dataset.column_names)
+    sizes = {name: [len(x) for x in dataset[name]] for name in ("prompt_ids", "chosen_ids", "rejected_ids",
+                                                                 "completion_ids") if name in columns}
+    if not sizes:
+        raise ValueError(f"group_by_length: the dataset has no token-id columns (found {sorted(columns)})")
+    n = len(dataset)
+    prompt = sizes.get("prompt_ids", [0] * n)
+    longest = [max(values) for values in zip(*(sizes[k] for k in sizes if k != "prompt_ids"))] or [0] * n
+    return [p + c for p, c in zip(prompt, longest)]
 
 
 def eval_order(n_rows: int, *, rank: int, world_size: int, batch_size: int) -> list[tuple[list[int], bool]]:
@@ -80,18 +116,20 @@ def eval_order(n_rows: int, *, rank: int, world_size: int, batch_size: int) -> l
     return [(rows, True) if rows else (filler, False) for rows, _ in batches]
 
 
-def train_batches(dataset, collate, *, seed: int, micro_batch: int, per_epoch: int, start: int, stop: int):
+def train_batches(dataset, collate, *, seed: int, micro_batch: int, per_epoch: int, start: int, stop: int,
+                  group_by_length: bool = False):
     """Yield ``(key, batch)`` for the micro-batches ``start .. stop-1`` of this rank, in training order.
 
     ``key`` = ("train", epoch, index) names a micro-batch for caches (precomputed reference log-probs).
     """
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    lengths = row_lengths(dataset) if group_by_length else None
     order, order_epoch = None, None
     for micro in range(start, stop):
         epoch, index = divmod(micro, per_epoch)
         if order_epoch != epoch:
             order = train_order(len(dataset), epoch=epoch, seed=seed, rank=rank, world_size=world,
-                                micro_batch=micro_batch)
+                                micro_batch=micro_batch, lengths=lengths)
             order_epoch = epoch
         batch = collate(fetch(dataset, order[index]))
         batch["batch_key"] = ("train", epoch, index)
@@ -263,14 +301,15 @@ def train(engine, objective, train_ds, eval_ds, collate, s: LoopSettings, tracke
     window = MetricWindow(objective.metric_reductions)
     engine.train(True)
     batches = train_batches(train_ds, collate, seed=s.seed, micro_batch=s.per_device_train_batch_size,
-                            per_epoch=per_epoch, start=micro, stop=s.total_steps * gas)
+                            per_epoch=per_epoch, start=micro, stop=s.total_steps * gas,
+                            group_by_length=s.group_by_length)
     for (_, epoch, _), batch in batches:
         loss, metrics = objective.compute(engine, batch, train=True)
         _check_finite(loss, step + 1, s.output_dir, batch["row_indices"])
         lr = engine.lr  # the rate this step uses (the scheduler moves on inside step())
         engine.backward(loss)
         engine.step()
-        window.add(loss, metrics, int(batch["attention_mask"].sum()))
+        window.add(loss, metrics, trained_tokens(batch))
         micro += 1
         if micro % gas:
             continue

@@ -51,7 +51,7 @@ def fingerprint(cfg, *, train_ds, eval_ds, pairs_ds=None, world_size: int, total
         "batches": {"world": world_size, "micro": cfg.per_device_train_batch_size,
                     "eval": cfg.per_device_eval_batch_size, "seed": cfg.seed, "total_micro": total_micro,
                     "per_epoch": per_epoch, "method": cfg.method, "loss_type": getattr(cfg, "loss_type", None),
-                    "max_length": cfg.max_length},
+                    "max_length": cfg.max_length, "group_by_length": cfg.group_by_length},
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -137,7 +137,7 @@ def precompute(cfg, live_reference, *, train_ds, eval_ds, collate, total_micro: 
 
     def all_batches():
         yield from train_batches(train_ds, collate, seed=cfg.seed, micro_batch=cfg.per_device_train_batch_size,
-                                 per_epoch=per_epoch, start=0, stop=total_micro)
+                                 per_epoch=per_epoch, start=0, stop=total_micro, group_by_length=cfg.group_by_length)
         for split, dataset, batch_collate in (("eval", eval_ds, collate), ("pairs", *(pairs or (None, None)))):
             if dataset is not None:
                 for key, batch, _ in eval_batches(dataset, batch_collate, batch_size=cfg.per_device_eval_batch_size,

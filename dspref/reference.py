@@ -98,17 +98,22 @@ class AdapterReference:
 def build_reference(cfg, *, policy_engine, policy_ds: dict, ref_ds_user: dict | None):
     """The live reference the options select (precompute runs one of these for its pass)."""
     from dspref import engine as eng
+    from dspref.config import pack_tokens
     from dspref.dsconfig import reference_ds_config
     from dspref.logps import SequenceScorer
 
     if cfg.peft_config and not cfg.ref_model:
         return AdapterReference(policy_engine, model_adapter_name=cfg.model_adapter_name,
                                 ref_adapter_name=cfg.ref_adapter_name)
+
+    def scorer(model):  # the reference scores exactly as the policy does (padding-free or not)
+        return SequenceScorer(model, cfg.logits_chunk_size, pack_tokens=pack_tokens(cfg))
+
     path = cfg.ref_model or cfg.model_name_or_path
     random_init = cfg.random_init and not cfg.ref_model  # the policy's initial weights: same config, same seed
     if cfg.ref_load_in_8bit or cfg.ref_load_in_4bit:
         model = _load_quantized(cfg, path, random_init)
-        return ModuleReference(SequenceScorer(model, cfg.logits_chunk_size), eng.device(),
+        return ModuleReference(scorer(model), eng.device(),
                                f"{'8' if cfg.ref_load_in_8bit else '4'}-bit bitsandbytes ({path})")
     ds = reference_ds_config(policy_ds, ref_ds=ref_ds_user, zero_stage_override=cfg.ref_zero_stage,
                              offload=cfg.ref_offload)
@@ -120,7 +125,7 @@ def build_reference(cfg, *, policy_engine, policy_ds: dict, ref_ds_user: dict | 
         eng.copy_parameters(policy_engine.model, model)  # exactly the policy's initial weights
     stage = ds["zero_optimization"]["stage"]
     where = "offloaded to CPU" if "offload_param" in ds["zero_optimization"] else ("sharded" if stage == 3 else "whole per rank")
-    return EngineReference(eng.InferenceEngine(SequenceScorer(model, cfg.logits_chunk_size), ds),
+    return EngineReference(eng.InferenceEngine(scorer(model), ds),
                            f"ZeRO-{stage} inference engine, {where} ({'policy initial weights' if not cfg.ref_model else path})")
 
 

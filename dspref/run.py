@@ -199,8 +199,10 @@ def build_policy(cfg, objective, model_config, ds_config: dict, pad_id: int):
         ref_adapter = (cfg.ref_adapter_name, cfg.ref_adapter_path) if has_ref and cfg.ref_adapter_name else None
         model = eng.apply_peft(model, cfg.peft_config, kind=objective.model_kind,
                                adapter_name=cfg.model_adapter_name if has_ref else None, ref_adapter=ref_adapter)
+    from dspref.config import pack_tokens
+
     return make_scorer(model, objective.model_kind, cfg.logits_chunk_size,
-                       router_aux=objective.router_aux_loss_coef > 0)
+                       router_aux=objective.router_aux_loss_coef > 0, pack_tokens=pack_tokens(cfg))
 
 
 def _prepare_output_dir(cfg) -> tuple[str | None, list[str]]:
@@ -453,7 +455,7 @@ def _loop_settings(cfg, n_train: int, world: int):
         per_device_eval_batch_size=cfg.per_device_eval_batch_size, logging_steps=cfg.logging_steps,
         eval_steps=cfg.eval_steps, eval_on_start=cfg.eval_on_start, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, stop_after_steps=cfg.stop_after_steps,
-        output_dir=cfg.output_dir, seed=cfg.seed)
+        output_dir=cfg.output_dir, seed=cfg.seed, group_by_length=cfg.group_by_length)
 
 
 def _adamw(cfg, params):

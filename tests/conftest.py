@@ -91,6 +91,17 @@ def launch_command(script_args: list[str], *, nprocs: int, launcher: str, env: d
     return cmd + script_args, full_env
 
 
+def run_many(tmp, specs: dict[str, list], *, nprocs: int = 2, timeout: int = 900) -> dict:
+    """Several trainings (name -> CLI args) one after another in one 2-rank launch (tests/dist/run_many.py):
+    name -> {"rows": metrics rows, "step": N} or {"error": ..., "trace": ...}."""
+    spec_file, result = Path(tmp) / "specs.json", Path(tmp) / "result.json"
+    spec_file.write_text(json.dumps({k: [str(x) for x in v] for k, v in specs.items()}))
+    proc = launch(["tests/dist/run_many.py", str(result), str(spec_file)], nprocs=nprocs, timeout=timeout,
+                  env={"DSPREF_CACHE": str(Path(tmp) / "cache")})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(result.read_text())
+
+
 def read_metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -28,7 +28,7 @@ EXPECTED_DEFAULTS = {
     "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "num_train_epochs": 3.0, "max_steps": -1,
     "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1,
     "logging_steps": 10, "eval_steps": None, "eval_on_start": True, "save_steps": 500, "save_total_limit": None,
-    "stop_after_steps": None, "seed": 42, "report_to": ["none"], "run_name": None, "wandb_project": "dspref",
+    "stop_after_steps": None, "padding_free": False, "padding_free_bin_size": None, "group_by_length": False, "seed": 42, "report_to": ["none"], "run_name": None, "wandb_project": "dspref",
     "gradient_checkpointing": False, "bf16": None, "fp16": None, "disable_dropout": True,
     "generate_during_eval": False, "generation_num_prompts": 4, "generation_max_new_tokens": 64,
     "generation_temperature": 1.0, "generation_top_p": 1.0, "ds3_gather_for_generation": True, "logits_chunk_size": 1024, "router_aux_loss_coef": None, "local_rank": -1,

@@ -8,12 +8,11 @@ rewards and KL are 0: that checks the reference is what it claims to be, not jus
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 
-from conftest import base_args, launch
+from conftest import base_args, run_many
 
 pytestmark = pytest.mark.slow
 LORA = "{r: 4, lora_alpha: 8, target_modules: all-linear}"
@@ -54,12 +53,7 @@ def strategy_runs(tmp_path_factory, small_data, saved_base):
                                            gradient_accumulation_steps="2"),
         "bco_precomputed": args("k", "bco", ds_config="zero3.json", precompute_ref_log_probs="true"),
     }
-    spec_file, result = tmp / "specs.json", tmp / "result.json"
-    spec_file.write_text(json.dumps({k: [str(x) for x in v] for k, v in specs.items()}))
-    proc = launch(["tests/dist/run_many.py", str(result), str(spec_file)], nprocs=2, timeout=900,
-                  env={"DSPREF_CACHE": str(tmp / "cache")})
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(result.read_text())
+    return run_many(tmp, specs)
 
 
 def _train(run):

@@ -511,6 +511,8 @@ class UnpairedCollator:
             "completion_mask": completion_mask,
             "label": label,
         }
+        if self.with_kl:
+            batch["trained_rows"] = len(rows)  # the KL rows after them are scored without being trained on
         if rows and all(row.get("prompt_text") is not None for row in rows):
             batch["prompt_text"] = [str(row["prompt_text"]) for row in rows]
         return batch
