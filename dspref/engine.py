@@ -327,6 +327,44 @@ class InferenceEngine:
     def train(self, mode: bool = True) -> None:
         """A frozen engine stays in eval mode (``eval_mode`` may still call this, as for a policy)."""
 
+    def close(self) -> None:
+        """Let the engine and its model be freed once the caller drops it (after a precompute pass).
+
+        Two module-level references in DeepSpeed keep a ZeRO-3 engine alive for the life of the process
+        (found by walking ``gc.get_referrers`` from the engine): its top module, pushed on
+        ``FWD_MODULE_STACK`` at init and never popped, and the parameter coordinator's class-wide
+        ``lru_cache`` on ``__params_to_release``, keyed by (coordinator, submodule) after any forward.
+        Through the modules' hook closures either one holds the whole engine and its model.
+        """
+        release_zero3_module(self.ds.module)
+        self.ds = None
+
+
+def release_zero3_module(module: nn.Module) -> None:
+    """Drop DeepSpeed's module-level references to ``module`` (see :meth:`InferenceEngine.close`).
+
+    The coordinator cache is cleared whole (it is shared by every engine); the policy's entries are
+    simply recomputed on its next step.
+    """
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    except ImportError:  # pragma: no cover - DeepSpeed moved them: nothing we can release
+        return
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not module]
+    fn = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for _ in range(4):  # the lru_cache sits under DeepSpeed's instrument_w_nvtx wrapper
+        if fn is None or hasattr(fn, "cache_clear"):
+            break
+        inner = getattr(fn, "__wrapped__", None)
+        if inner is None:
+            cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)]
+            inner = cells[0] if cells else None
+        fn = inner
+    if hasattr(fn, "cache_clear"):
+        fn.cache_clear()
+
 
 def checkpoint_state_dict(checkpoint_dir: str, tag: str) -> dict:
     """The whole module's fp32 state dict from a DeepSpeed checkpoint saved by any number of ranks.

@@ -37,6 +37,10 @@ class EngineReference:
 
         return generation_model(self.engine, gather=gather)
 
+    def close(self) -> None:
+        """Free the engine (once this object is dropped): used after a precompute pass."""
+        self.engine.close()
+
 
 class ModuleReference:
     def __init__(self, scorer, device, description: str):

@@ -368,7 +368,10 @@ def _reference(cfg, engine, ds_config, ref_ds_user, train_ds, eval_ds, collate, 
     total_micro = settings.total_steps * settings.gradient_accumulation_steps
     reference = precompute(cfg, live, train_ds=train_ds, eval_ds=eval_ds, collate=collate, total_micro=total_micro,
                            per_epoch=settings.micro_batches_per_epoch, pairs=pairs)
-    del live
+    close = getattr(live, "close", None)
+    if close is not None:
+        close()  # a ZeRO-3 engine is otherwise kept alive by DeepSpeed for the rest of the run
+    del live, close
     import gc
 
     gc.collect()

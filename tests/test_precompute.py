@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import glob
+import json
 
 import pytest
 
-from conftest import base_args, demo_rows, read_metrics, write_jsonl
+from conftest import base_args, demo_rows, launch, read_metrics, write_jsonl
 from dspref.run import main
 
 
@@ -43,3 +44,18 @@ def test_cache_reused_invalidated_and_rebuilt(tmp_path, small_data, cache, caplo
     assert main(kto(tmp_path / "d", small_data[0])) == 0
     assert "incomplete or unreadable; rebuilding it" in caplog.text
     assert [r["loss"] for r in read_metrics(tmp_path / "d")] == [r["loss"] for r in read_metrics(tmp_path / "a")]
+
+
+
+def test_zero3_reference_engine_is_freed_after_the_precompute_pass(tmp_path, small_data, cache):
+    """Under ZeRO-3 the precompute pass's reference engine must not outlive it (it holds a whole model).
+
+    Run in a fresh process: objects that pytest itself keeps (captured log records, tracebacks) must not
+    decide the answer."""
+    args = base_args(tmp_path / "z3", small_data[0], method="kto", max_steps=2, ds_config="zero3.json",
+                     precompute_ref_log_probs="true", eval_on_start="false")
+    result = tmp_path / "alive.json"
+    proc = launch(["tests/dist/reference_freed.py", str(result), *args], nprocs=1, launcher="python", timeout=300,
+                  env={"DSPREF_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(result.read_text()) == {"engines_built": 1, "alive_at_each_step": [False, False]}
