@@ -79,6 +79,8 @@ CONF=$DIR/slurm.conf
   echo "SlurmdPidFile=$DIR/run/slurmd-%n.pid"
   echo "SlurmctldLogFile=$DIR/log/slurmctld.log"
   echo "SlurmdLogFile=$DIR/log/slurmd-%n.log"
+  echo "SlurmctldDebug=debug"   # job launch, requeue and credential decisions, for a failed test's report
+  echo "SlurmdDebug=debug"
   echo "ProctrackType=proctrack/linuxproc"
   echo "TaskPlugin=task/none"
   echo "SelectType=select/cons_tres"
@@ -111,7 +113,11 @@ wait_pidfile() {  # wait_pidfile FILE NAME LOG
   for _ in $(seq 100); do running "$1" && return 0; sleep 0.1; done
   tail -n 15 "$3" >&2 2>/dev/null; fail "$2 did not start (log: $3)"
 }
+# A daemon started afresh writes a fresh log (the one before is kept as .prev), so its log holds
+# this cluster's jobs only.
+fresh_log() { [ -f "$1" ] && mv -f "$1" "$1.prev"; return 0; }
 if ! running "$DIR/run/slurmctld.pid"; then
+  fresh_log "$DIR/log/slurmctld.log"
   slurmctld -c -f "$CONF"   # -c: no jobs or node states from an earlier cluster
   wait_pidfile "$DIR/run/slurmctld.pid" slurmctld "$DIR/log/slurmctld.log"
 fi
@@ -119,6 +125,7 @@ for node in $NODES; do
   pidfile=$DIR/run/slurmd-$node.pid
   running "$pidfile" && continue
   mkdir -p "$DIR/state/$node"
+  fresh_log "$DIR/log/slurmd-$node.log"
   unshare --uts --mount --propagation private -- \
     sh -c "mount --bind '$DIR/hosts' /etc/hosts && hostname $node && exec slurmd -f '$CONF' -N $node" \
     || fail "slurmd $node did not start (log: $DIR/log/slurmd-$node.log)"
