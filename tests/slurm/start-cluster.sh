@@ -70,7 +70,14 @@ CONF=$DIR/slurm.conf
   echo "SlurmdUser=root"
   echo "AuthType=auth/munge"
   echo "CredType=cred/munge"
-  echo "AuthInfo=socket=$SOCKET"
+  # cred_expire: a requeued job is held (BeginTime) for cred_expire + 1 s before it may start again;
+  # the default, 120 s, would double the test's time. Do not shorten that hold by forcing the
+  # start (scontrol update StartTime=now): the new run's launch credential must be created in a
+  # later second than the old run's revocation, else slurmd refuses the batch launch ("Job N
+  # already killed, do not launch batch job"; slurmctld: "Killing non-startable batch JobId=N:
+  # Job credential revoked") and the requeued job ends FAILED before its script runs (issue #7).
+  # 10 s still leaves a credential ample time to reach a slurmd here (an older one is refused).
+  echo "AuthInfo=socket=$SOCKET,cred_expire=10"
   echo "SlurmctldPort=$PORT"
   echo "SlurmdPort=$((PORT + 1))"
   echo "StateSaveLocation=$DIR/state"
