@@ -16,11 +16,13 @@ cluster's node states, the slurmctld/slurmd log lines about the jobs and the job
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,29 @@ def cluster():
     """Starts the cluster (installing slurm-wlm and munge if missing) and stops it afterwards."""
     if os.geteuid() != 0:
         pytest.skip("the SLURM test cluster needs root (munged, slurmctld, slurmd)")
+    with _cluster_lock():
+        yield from _started_cluster()
+
+
+@contextlib.contextmanager
+def _cluster_lock(wait: float = 900):
+    """One test session at a time uses the cluster: a second one would find the first's daemons
+    running (start-cluster.sh keeps them), and the first's teardown would stop them under its jobs."""
+    with open(f"{CLUSTER_DIR}.lock", "w") as lock:
+        end = time.time() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > end:
+                    pytest.skip(f"another test session has held the SLURM test cluster ({CLUSTER_DIR}.lock) "
+                                f"for {wait:.0f} s")
+                time.sleep(2)
+        yield  # the lock goes with the file
+
+
+def _started_cluster():
     env = {**os.environ, "DSPREF_SLURM_DIR": CLUSTER_DIR}
     try:
         proc = subprocess.run(["bash", str(ROOT / "tests/slurm/start-cluster.sh")], env=env, capture_output=True,
