@@ -70,7 +70,14 @@ CONF=$DIR/slurm.conf
   echo "SlurmdUser=root"
   echo "AuthType=auth/munge"
   echo "CredType=cred/munge"
-  echo "AuthInfo=socket=$SOCKET"
+  # cred_expire: a requeued job is held (BeginTime) for cred_expire + 1 s before it may start again;
+  # the default, 120 s, would double the test's time. Do not shorten that hold by forcing the
+  # start (scontrol update StartTime=now): the new run's launch credential must be created in a
+  # later second than the old run's revocation, else slurmd refuses the batch launch ("Job N
+  # already killed, do not launch batch job"; slurmctld: "Killing non-startable batch JobId=N:
+  # Job credential revoked") and the requeued job ends FAILED before its script runs (issue #7).
+  # 10 s still leaves a credential ample time to reach a slurmd here (an older one is refused).
+  echo "AuthInfo=socket=$SOCKET,cred_expire=10"
   echo "SlurmctldPort=$PORT"
   echo "SlurmdPort=$((PORT + 1))"
   echo "StateSaveLocation=$DIR/state"
@@ -79,6 +86,8 @@ CONF=$DIR/slurm.conf
   echo "SlurmdPidFile=$DIR/run/slurmd-%n.pid"
   echo "SlurmctldLogFile=$DIR/log/slurmctld.log"
   echo "SlurmdLogFile=$DIR/log/slurmd-%n.log"
+  echo "SlurmctldDebug=debug"   # job launch, requeue and credential decisions, for a failed test's report
+  echo "SlurmdDebug=debug"
   echo "ProctrackType=proctrack/linuxproc"
   echo "TaskPlugin=task/none"
   echo "SelectType=select/cons_tres"
@@ -111,7 +120,11 @@ wait_pidfile() {  # wait_pidfile FILE NAME LOG
   for _ in $(seq 100); do running "$1" && return 0; sleep 0.1; done
   tail -n 15 "$3" >&2 2>/dev/null; fail "$2 did not start (log: $3)"
 }
+# A daemon started afresh writes a fresh log (the one before is kept as .prev), so its log holds
+# this cluster's jobs only.
+fresh_log() { [ -f "$1" ] && mv -f "$1" "$1.prev"; return 0; }
 if ! running "$DIR/run/slurmctld.pid"; then
+  fresh_log "$DIR/log/slurmctld.log"
   slurmctld -c -f "$CONF"   # -c: no jobs or node states from an earlier cluster
   wait_pidfile "$DIR/run/slurmctld.pid" slurmctld "$DIR/log/slurmctld.log"
 fi
@@ -119,6 +132,7 @@ for node in $NODES; do
   pidfile=$DIR/run/slurmd-$node.pid
   running "$pidfile" && continue
   mkdir -p "$DIR/state/$node"
+  fresh_log "$DIR/log/slurmd-$node.log"
   unshare --uts --mount --propagation private -- \
     sh -c "mount --bind '$DIR/hosts' /etc/hosts && hostname $node && exec slurmd -f '$CONF' -N $node" \
     || fail "slurmd $node did not start (log: $DIR/log/slurmd-$node.log)"
