@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from step_records import StepRecorder, row_lengths  # noqa: E402
+from step_records import StepRecorder, engine_facts, row_lengths, write_facts  # noqa: E402
 
 
 def batch_lengths(batch: dict) -> tuple[list[int], list[int]]:
@@ -62,6 +62,8 @@ def main() -> int:
 
     def step_recorded(self):
         step(self)
+        if recorder.steps == 0:
+            write_facts(records, engine_facts(self.ds))
         recorder.step_end()  # one call per micro-batch: an optimizer step, as run.py keeps accumulation at 1
 
     objectives.build_objective = build_recorded

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_records import StepRecorder, row_lengths  # noqa: E402
+from step_records import StepRecorder, engine_facts, row_lengths, write_facts  # noqa: E402
 
 
 def batch_lengths(batch: dict) -> tuple[list[int], list[int]]:
@@ -100,6 +100,8 @@ def main() -> int:
 
     class StepEnd(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if recorder.steps == 0:
+                write_facts(a.records, engine_facts(trainer.model_wrapped))
             recorder.step_end()
 
     trainer.data_collator = counted

@@ -235,9 +235,16 @@ def check_trl(methods: list[str], venvs: dict[str, Path]) -> dict[str, str]:
     return missing
 
 
-def child_env() -> dict:
-    """The same environment for both sides: one process, world size 1, a free port."""
+def child_env(python: str) -> dict:
+    """The same environment for both sides: one process, world size 1, a free port.
+
+    Each venv gets its own torch extensions folder: DeepSpeed's CPU ops are built against that venv's
+    torch, and a shared folder would make the two sides rebuild them in turn.
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    if Path(python).parent.parent.resolve() != Path(sys.prefix).resolve():
+        base = env.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache/torch_extensions")
+        env["TORCH_EXTENSIONS_DIR"] = f"{base}-{Path(python).parent.parent.name}"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -250,9 +257,11 @@ def child_env() -> dict:
 def run_child(cmd: list[str], records: Path, log: Path, timeout: float | None) -> tuple[list[dict], str | None]:
     """Run one side; returns (its step records, None) or ([], the tail of its log)."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (records, Path(str(records) + ".facts.json")):  # never read an earlier run's records
+        stale.unlink(missing_ok=True)
     with open(log, "w") as f:
         try:
-            status = subprocess.run(cmd, env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            status = subprocess.run(cmd, env=child_env(cmd[0]), stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             status = "timeout"
     rows = [json.loads(x) for x in records.read_text().splitlines()] if records.exists() else []
@@ -305,6 +314,8 @@ def measure(a, method, side, cmd, records, log, shape, kind, reference_in_step) 
         print(f"{side} {method}: failed ({log})\n{error}", file=sys.stderr, flush=True)
         return {"error": error, "log": str(log)}
     s = summarize(rows, a.warmup)
+    facts = Path(str(records) + ".facts.json")
+    s["engine"] = json.loads(facts.read_text()) if facts.exists() else None
     import torch
 
     if torch.cuda.is_available():
@@ -318,6 +329,21 @@ def measure(a, method, side, cmd, records, log, shape, kind, reference_in_step) 
     s["log"] = str(log)
     s["reference_in_step"] = reference_in_step
     return s
+
+
+def engine_note(facts: dict | None) -> str:
+    if not facts:
+        return "engine unknown"
+    if not facts["deepspeed"]:
+        return f"**NOT under DeepSpeed** ({facts['module']})"
+    return f"DeepSpeed ZeRO-{facts['zero_stage']} ({facts['optimizer']})"
+
+
+def trl_note(s: dict, reference_in_step: bool) -> str:
+    if "error" in s:
+        return "failed: see " + s["log"]
+    ref = "reference each step (precompute_ref_log_probs=False)" if reference_in_step else "no reference"
+    return f"{engine_note(s.get('engine'))}; {ref}"
 
 
 # --------------------------------------------------------------------------- main
@@ -378,9 +404,7 @@ def main(argv=None) -> int:
                 ref = method in ("kto", "bco")
                 entry["trl"] = measure(a, method, "trl", cmd, run / "trl-steps.jsonl", run / "trl.log",
                                        a.model_shape, kind, reference_in_step=ref)
-                entry["trl_note"] = ("DeepSpeed ZeRO-3; " + ("reference each step (precompute_ref_log_probs=False)"
-                                                             if ref else "no reference")
-                                     if "error" not in entry["trl"] else "failed: see " + entry["trl"]["log"])
+                entry["trl_note"] = trl_note(entry["trl"], ref)
             results.append(entry)
             print(json.dumps({k: entry[k] for k in ("method", "data_shape")} |
                              {side: {k: entry[side].get(k) for k in ("tokens_per_second", "seconds_per_step",

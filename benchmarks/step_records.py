@@ -52,6 +52,20 @@ class StepRecorder:
         self.file.flush()
 
 
+def engine_facts(engine) -> dict:
+    """What actually trained: a DeepSpeed engine (its ZeRO stage and base optimizer) or not."""
+    if type(engine).__name__ != "DeepSpeedEngine":
+        return {"deepspeed": False, "module": type(engine).__name__}
+    return {"deepspeed": True, "zero_stage": engine.zero_optimization_stage(),
+            "optimizer": type(engine.basic_optimizer).__name__, "zero_optimizer": type(engine.optimizer).__name__}
+
+
+def write_facts(records_path: str, facts: dict) -> None:
+    """``facts`` beside the step records (``<records>.facts.json``)."""
+    with open(records_path + ".facts.json", "w") as f:
+        json.dump(facts, f)
+
+
 def row_lengths(mask, rows=None) -> list[int]:
     """Non-padding tokens per row of a (N, T) 0/1 mask (first ``rows`` rows only when given)."""
     lengths = mask.sum(dim=-1).tolist()
