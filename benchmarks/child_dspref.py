@@ -22,15 +22,12 @@ from step_records import StepRecorder, engine_facts, row_lengths, write_facts  #
 def batch_lengths(batch: dict) -> tuple[list[int], list[int]]:
     """(trained row lengths, no-grad row lengths) of one dspref micro-batch.
 
-    Paired and reward batches: every row is trained ([chosen; rejected]). Unpaired batches carry one
-    ``label`` per trained row; rows after them are KTO's KL rows (scored, not trained).
+    Paired and reward batches: every row is trained ([chosen; rejected]). Unpaired batches: the first
+    ``trained_rows`` (one per ``label``) are trained, the rows after them are KTO's KL rows. With
+    padding_free the collated batch is still padded (the scorer packs it), so the mask counts.
     """
-    mask = batch.get("attention_mask")
-    if mask is None:
-        raise SystemExit("child_dspref: this batch has no attention_mask (padding-free?); count its trained "
-                         "tokens from batch['num_trained_tokens'] once the collator provides it")
-    lengths = row_lengths(mask)
-    trained = len(batch["label"]) if "label" in batch else len(lengths)
+    lengths = row_lengths(batch["attention_mask"])
+    trained = batch.get("trained_rows", len(batch["label"]) if "label" in batch else len(lengths))
     return lengths[:trained], lengths[trained:]
 
 

@@ -89,7 +89,10 @@ def main() -> int:
     else:
         model = AutoModelForCausalLM.from_pretrained(a.model)
     data = load_dataset("json", data_files=a.data, split="train")
-    trainer = Trainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    extra = {}
+    if a.method == "bco":  # BCO 1.13 refuses to copy the policy into a reference under ZeRO-3: load it, as it asks
+        extra["ref_model"] = AutoModelForCausalLM.from_pretrained(a.model)
+    trainer = Trainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, **extra)
 
     collate = trainer.data_collator
 

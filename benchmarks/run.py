@@ -39,6 +39,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -63,12 +64,14 @@ SHAPES = {
 DATA_SHAPES = {"fixed": ((240, 256), (240, 254)), "variable": ((16, 256), (8, 254))}
 SPECIALS = ("<unk>", "<|endoftext|>", "<|pad|>")  # the last ids of the vocabulary: unk, eos, pad
 
-# The dspref settings a user asking for speed would use (besides what both sides share, below).
-# Next flag here: --padding_free true (being added on main).
-SPEED_FLAGS = {"kto": ["--precompute_ref_log_probs", "true"], "bco": ["--precompute_ref_log_probs", "true"]}
+# The dspref settings a user asking for speed would use, per method (what both sides share: dspref_command).
+# The next one, for every method: --padding_free true (on main since c743b6c, after this branch forked).
+PRECOMPUTE = ["--precompute_ref_log_probs", "true"]
+SPEED_FLAGS = {"bco": PRECOMPUTE, "cpo": [], "kto": PRECOMPUTE, "reward": []}
 METHOD_FLAGS = {"kto": ["--loss_type", "kto"]}  # KTO with its KL pairs, as TRL's default
 
-TRL_VENVS = {"bco": ".venv-trl113"}  # BCO left TRL after 1.13.0; the others: .venv-bench (trl 1.16.0)
+# What differs in how TRL runs a method, for the table.
+TRL_NOTES = {"bco": "trl 1.13.0 (BCO left TRL after it); ref_model loaded from the same folder, as TRL asks under ZeRO-3"}
 SETUP_HINT = "bash benchmarks/setup_bench.sh"
 
 
@@ -207,6 +210,9 @@ def table(results: list[dict]) -> str:
             cells += [fmt(d.get(key), digits), fmt(t.get(key), digits), fmt(ratio(d.get(key), t.get(key)), 2)]
         cells.append(r.get("trl_note", ""))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    flags = {r["method"]: " ".join(r.get("dspref_flags") or []) or "(none)" for r in results if "dspref_flags" in r}
+    if flags:
+        lines += [""] + [f"- dspref {m} flags beyond the shared settings: `{f}`" for m, f in flags.items()]
     if any((r.get("dspref") or {}).get("mfu") is not None for r in results):
         lines += ["", "| method | data | dspref MFU | TRL MFU | dspref GPU GiB | TRL GPU GiB |", "|---|---|---|---|---|---|"]
         for r in results:
@@ -254,14 +260,15 @@ def child_env(python: str) -> dict:
     return env
 
 
-def run_child(cmd: list[str], records: Path, log: Path, timeout: float | None) -> tuple[list[dict], str | None]:
-    """Run one side; returns (its step records, None) or ([], the tail of its log)."""
+def run_child(cmd: list[str], records: Path, log: Path, timeout: float | None,
+              env: dict | None = None) -> tuple[list[dict], str | None]:
+    """Run one side (``env``: extra variables); returns (its step records, None) or ([], the tail of its log)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     for stale in (records, Path(str(records) + ".facts.json")):  # never read an earlier run's records
         stale.unlink(missing_ok=True)
     with open(log, "w") as f:
         try:
-            status = subprocess.run(cmd, env=child_env(cmd[0]), stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            status = subprocess.run(cmd, env=child_env(cmd[0]) | (env or {}), stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             status = "timeout"
     rows = [json.loads(x) for x in records.read_text().splitlines()] if records.exists() else []
@@ -281,7 +288,7 @@ def dspref_command(a, method: str, model: Path, tokenizer: Path, data: Path, out
             "--eval_on_start", "false", "--save_steps", "1000000000", "--report_to", "none"]
     if method != "reward":  # dspref wants it below max_length; no synthetic prompt is longer
         args += ["--max_prompt_length", str(a.max_length // 2)]
-    args += METHOD_FLAGS.get(method, []) + SPEED_FLAGS.get(method, []) + shlex.split(a.dspref_args)
+    args += METHOD_FLAGS.get(method, []) + SPEED_FLAGS[method] + shlex.split(a.dspref_args)
     return [sys.executable, str(ROOT / "benchmarks/child_dspref.py"), str(records), "--"] + args
 
 
@@ -308,8 +315,8 @@ def trl_ds_config(path: Path, out: Path) -> Path:
     return out / "ds_config.json"
 
 
-def measure(a, method, side, cmd, records, log, shape, kind, reference_in_step) -> dict:
-    rows, error = run_child(cmd, records, log, a.timeout)
+def measure(a, method, side, cmd, records, log, shape, kind, reference_in_step, env=None) -> dict:
+    rows, error = run_child(cmd, records, log, a.timeout, env)
     if error:
         print(f"{side} {method}: failed ({log})\n{error}", file=sys.stderr, flush=True)
         return {"error": error, "log": str(log)}
@@ -339,11 +346,11 @@ def engine_note(facts: dict | None) -> str:
     return f"DeepSpeed ZeRO-{facts['zero_stage']} ({facts['optimizer']})"
 
 
-def trl_note(s: dict, reference_in_step: bool) -> str:
+def trl_note(s: dict, method: str, reference_in_step: bool) -> str:
     if "error" in s:
         return "failed: see " + s["log"]
     ref = "reference each step (precompute_ref_log_probs=False)" if reference_in_step else "no reference"
-    return f"{engine_note(s.get('engine'))}; {ref}"
+    return "; ".join([engine_note(s.get("engine")), ref] + ([TRL_NOTES[method]] if method in TRL_NOTES else []))
 
 
 # --------------------------------------------------------------------------- main
@@ -392,10 +399,13 @@ def main(argv=None) -> int:
             run = work / f"{a.model_shape}-{method}-{data_shape}"
             data = write_rows(run / "train.jsonl", rows)  # exactly one epoch: both sides train on the same rows
             entry = {"method": method, "data_shape": data_shape, "rows": len(rows),
-                     "dspref_flags": METHOD_FLAGS.get(method, []) + SPEED_FLAGS.get(method, []) + shlex.split(a.dspref_args)}
+                     "dspref_flags": METHOD_FLAGS.get(method, []) + SPEED_FLAGS[method] + shlex.split(a.dspref_args)}
             cmd = dspref_command(a, method, model, tokenizer, data, run / "dspref", run / "dspref-steps.jsonl")
+            # a fresh dspref cache: tokenizing and the reference precompute happen in every run, as TRL's work does
+            shutil.rmtree(run / "dspref-cache", ignore_errors=True)
             entry["dspref"] = measure(a, method, "dspref", cmd, run / "dspref-steps.jsonl", run / "dspref.log",
-                                      a.model_shape, kind, reference_in_step=False)
+                                      a.model_shape, kind, reference_in_step=False,
+                                      env={"DSPREF_CACHE": str(run / "dspref-cache")})
             if a.compare and method in no_peer:
                 entry["trl_note"] = "no peer: " + no_peer[method]
             elif a.compare:
@@ -404,7 +414,7 @@ def main(argv=None) -> int:
                 ref = method in ("kto", "bco")
                 entry["trl"] = measure(a, method, "trl", cmd, run / "trl-steps.jsonl", run / "trl.log",
                                        a.model_shape, kind, reference_in_step=ref)
-                entry["trl_note"] = trl_note(entry["trl"], ref)
+                entry["trl_note"] = trl_note(entry["trl"], method, ref)
             results.append(entry)
             print(json.dumps({k: entry[k] for k in ("method", "data_shape")} |
                              {side: {k: entry[side].get(k) for k in ("tokens_per_second", "seconds_per_step",

@@ -103,6 +103,7 @@ def test_both_sides_count_trained_and_kl_rows_alike():
     # dspref KTO: B=2 trained rows, then 2 KL rows; paired: every row trained
     assert dspref_child.batch_lengths({"attention_mask": mask, "label": torch.tensor([True, False])}) == ([3, 2], [4, 1])
     assert dspref_child.batch_lengths({"attention_mask": mask}) == ([3, 2, 4, 1], [])
+    assert dspref_child.batch_lengths({"attention_mask": mask, "trained_rows": 3}) == ([3, 2, 4], [1])
     # TRL: KTO 1.16, CPO, BCO 1.13
     assert trl_child.batch_lengths({"attention_mask": mask[:2], "KL_attention_mask": mask[2:]}) == ([3, 2], [4, 1])
     assert trl_child.batch_lengths({"chosen_attention_mask": mask[:2], "rejected_attention_mask": mask[2:],
