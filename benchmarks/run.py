@@ -71,7 +71,8 @@ SPEED_FLAGS = {"bco": PRECOMPUTE, "cpo": [], "kto": PRECOMPUTE, "reward": []}
 METHOD_FLAGS = {"kto": ["--loss_type", "kto"]}  # KTO with its KL pairs, as TRL's default
 
 # What differs in how TRL runs a method, for the table.
-TRL_NOTES = {"bco": "trl 1.13.0 (BCO left TRL after it); ref_model loaded from the same folder, as TRL asks under ZeRO-3"}
+TRL_NOTES = {"bco": "trl 1.13.0 (BCO left TRL after it); ref_model loaded from the same folder, as TRL asks "
+                    "under ZeRO-3"}
 SETUP_HINT = "bash benchmarks/setup_bench.sh"
 
 
@@ -105,7 +106,7 @@ def model_config(shape: str, kind: str):
 
 
 def build_model(shape: str, kind: str, cache: Path, seed: int = 0) -> tuple[Path, Path]:
-    """(model folder, tokenizer folder) of the random-init model (``causal`` or ``seq-cls``), saved once under ``cache``.
+    """(model folder, tokenizer folder) of the random-init model (``causal`` or ``seq-cls``), saved once in ``cache``.
 
     The tokenizer has its own folder: beside a Qwen2 config.json, transformers 5's AutoTokenizer
     loads the Qwen2 tokenizer class, which rebuilds the vocabulary as BPE and drops every word.
@@ -214,7 +215,7 @@ def table(results: list[dict]) -> str:
     if flags:
         lines += [""] + [f"- dspref {m} flags beyond the shared settings: `{f}`" for m, f in flags.items()]
     if any((r.get("dspref") or {}).get("mfu") is not None for r in results):
-        lines += ["", "| method | data | dspref MFU | TRL MFU | dspref GPU GiB | TRL GPU GiB |", "|---|---|---|---|---|---|"]
+        lines += ["", "| method | data | dspref MFU | TRL MFU | dspref GPU GiB | TRL GPU GiB |", "|" + "---|" * 6]
         for r in results:
             d, t = r.get("dspref") or {}, r.get("trl") or {}
             lines.append(f"| {r['method']} | {r['data_shape']} | {fmt(d.get('mfu'), 4)} | {fmt(t.get('mfu'), 4)} | "
@@ -228,7 +229,7 @@ def trl_python(method: str, venvs: dict[str, Path]) -> Path:
 
 
 def check_trl(methods: list[str], venvs: dict[str, Path]) -> dict[str, str]:
-    """Methods without a TRL peer -> why. Exits (status 2, naming the setup script) when the main TRL venv is missing."""
+    """Methods without a TRL peer -> why. Exits, naming the setup script, when the main TRL venv has no trl."""
     main = trl_python("cpo", venvs)
     if not main.exists() or subprocess.run([str(main), "-c", "import trl"], capture_output=True).returncode:
         sys.exit(f"run.py: error: --compare trl needs TRL in its own venv ({main} has no trl); create it with "
@@ -268,7 +269,8 @@ def run_child(cmd: list[str], records: Path, log: Path, timeout: float | None,
         stale.unlink(missing_ok=True)
     with open(log, "w") as f:
         try:
-            status = subprocess.run(cmd, env=child_env(cmd[0]) | (env or {}), stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            status = subprocess.run(cmd, env=child_env(cmd[0]) | (env or {}), stdout=f, stderr=subprocess.STDOUT,
+                                    timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             status = "timeout"
     rows = [json.loads(x) for x in records.read_text().splitlines()] if records.exists() else []
@@ -295,7 +297,8 @@ def dspref_command(a, method: str, model: Path, tokenizer: Path, data: Path, out
 def trl_command(a, method: str, model: Path, tokenizer: Path, data: Path, out: Path, records: Path,
                 venvs) -> list[str]:
     return [str(trl_python(method, venvs)), str(ROOT / "benchmarks/child_trl.py"), "--method", method,
-            "--model", str(model), "--tokenizer", str(tokenizer), "--data", str(data), "--ds-config", str(trl_ds_config(a.ds_config, out)),
+            "--model", str(model), "--tokenizer", str(tokenizer), "--data", str(data),
+            "--ds-config", str(trl_ds_config(a.ds_config, out)),
             "--records", str(records), "--output-dir", str(out), "--micro-batch", str(a.micro_batch),
             "--max-length", str(a.max_length), "--steps", str(a.warmup + a.steps), "--seed", str(a.seed)]
 
@@ -432,12 +435,13 @@ def main(argv=None) -> int:
 
 def versions(a, venvs) -> dict:
     """Library versions of each side's interpreter."""
-    code = ("import json, torch, transformers, deepspeed\ntry:\n import trl; v = trl.__version__\nexcept ImportError:\n v = None\n"
+    code = ("import json, torch, transformers, deepspeed\n"
+            "try:\n import trl; v = trl.__version__\nexcept ImportError:\n v = None\n"
             "print(json.dumps({'torch': torch.__version__, 'transformers': transformers.__version__, "
             "'deepspeed': deepspeed.__version__, 'trl': v}))")
     pythons = {"dspref": Path(sys.executable)}
     if a.compare:
-        pythons |= {f"trl ({m})": trl_python(m, venvs) for m in a.methods}
+        pythons |= {f"trl ({trl_python(m, venvs).parent.parent.name})": trl_python(m, venvs) for m in a.methods}
     out = {}
     for side, py in pythons.items():
         proc = subprocess.run([str(py), "-c", code], capture_output=True, text=True) if py.exists() else None

@@ -101,14 +101,16 @@ def test_both_sides_count_trained_and_kl_rows_alike():
     dspref_child, trl_child = _load("child_dspref"), _load("child_trl")
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
     # dspref KTO: B=2 trained rows, then 2 KL rows; paired: every row trained
-    assert dspref_child.batch_lengths({"attention_mask": mask, "label": torch.tensor([True, False])}) == ([3, 2], [4, 1])
+    kto = {"attention_mask": mask, "label": torch.tensor([True, False])}
+    assert dspref_child.batch_lengths(kto) == ([3, 2], [4, 1])
     assert dspref_child.batch_lengths({"attention_mask": mask}) == ([3, 2, 4, 1], [])
     assert dspref_child.batch_lengths({"attention_mask": mask, "trained_rows": 3}) == ([3, 2, 4], [1])
     # TRL: KTO 1.16, CPO, BCO 1.13
     assert trl_child.batch_lengths({"attention_mask": mask[:2], "KL_attention_mask": mask[2:]}) == ([3, 2], [4, 1])
     assert trl_child.batch_lengths({"chosen_attention_mask": mask[:2], "rejected_attention_mask": mask[2:],
                                     "prompt_attention_mask": mask[:2]}) == ([3, 2, 4, 1], [])
-    assert trl_child.batch_lengths({"completion_attention_mask": mask, "prompt_attention_mask": mask}) == ([3, 2, 4, 1], [])
+    bco = {"completion_attention_mask": mask, "prompt_attention_mask": mask}
+    assert trl_child.batch_lengths(bco) == ([3, 2, 4, 1], [])
 
 
 def test_compare_trl_without_trl_names_the_setup_script(tmp_path, capsys):
