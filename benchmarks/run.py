@@ -65,9 +65,9 @@ DATA_SHAPES = {"fixed": ((240, 256), (240, 254)), "variable": ((16, 256), (8, 25
 SPECIALS = ("<unk>", "<|endoftext|>", "<|pad|>")  # the last ids of the vocabulary: unk, eos, pad
 
 # The dspref settings a user asking for speed would use, per method (what both sides share: dspref_command).
-# The next one, for every method: --padding_free true (on main since c743b6c, after this branch forked).
 PRECOMPUTE = ["--precompute_ref_log_probs", "true"]
-SPEED_FLAGS = {"bco": PRECOMPUTE, "cpo": [], "kto": PRECOMPUTE, "reward": []}
+PACKED = ["--padding_free", "true"]  # padding-free batches (bins of max_length tokens)
+SPEED_FLAGS = {"bco": PRECOMPUTE + PACKED, "cpo": PACKED, "kto": PRECOMPUTE + PACKED, "reward": PACKED}
 METHOD_FLAGS = {"kto": ["--loss_type", "kto"]}  # KTO with its KL pairs, as TRL's default
 
 # What differs in how TRL runs a method, for the table.

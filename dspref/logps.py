@@ -3,8 +3,10 @@
 Used by the policy, the reference, precompute and eval alike. It never builds the
 ``[batch, seq, vocab]`` float32 logits: the backbone gives the last hidden states, only the
 positions that predict completion tokens are kept, and the output embedding is applied to
-them in chunks, each chunk wrapped in a non-reentrant activation checkpoint so that its
-logits are freed right after the ``gather − logsumexp`` and recomputed in backward.
+them in chunks. Past ``HEAD_LOGITS_BUDGET`` (positions × vocabulary) each chunk is wrapped in a
+non-reentrant activation checkpoint, so that its logits are freed right after the
+``gather − logsumexp`` and recomputed in backward; below it the logits are kept (one head matmul
+fewer per chunk).
 
 Under ZeRO-3 the output embedding is sharded. Calling the ``lm_head`` *module* per chunk (not
 reading ``lm_head.weight``) lets ZeRO's forward hooks gather and release the weight (TRL
@@ -90,7 +92,7 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
         aux_mask = attention_mask
     else:
         out = backbone(input_ids=packed.gather(input_ids), attention_mask=None, position_ids=packed.position_ids,
-                       use_cache=False, **extra)
+                       use_cache=False, dspref_packed=True, **extra)  # the flag: see dspref.attention
         hidden = out.last_hidden_state  # (bins, L, H)
         states = packed.states(hidden, target_mask)  # (M, H), the same rows in the same order as above
         aux_mask = packed.token_mask(aux_row_mask)
@@ -265,7 +267,13 @@ def _chunked_token_logps(head, states, targets, chunk_size, softcap, anchor):
     zero scalar tied to the filler chunks' outputs (0 when there are none).
     """
     n_positions = states.shape[0]
-    n_chunks = _agreed_chunk_count(n_positions, chunk_size)
+    most = _agreed_max_positions(n_positions)  # the same on every rank
+    n_chunks = max(math.ceil(most / chunk_size), 1)
+    # Keeping every chunk's logits for backward costs positions x vocab floats; recomputing them
+    # costs one more head matmul per chunk (~10% of a step for a small model with a large vocabulary).
+    # Recompute only past a fixed budget. Decided from agreed values, so every rank makes the same
+    # head calls in backward (each one a ZeRO-3 collective).
+    recompute = most * _vocab_size(head) > HEAD_LOGITS_BUDGET
     logps, means = [], []
     filler = states.new_zeros((), dtype=torch.float32)
     for i in range(n_chunks):
@@ -276,7 +284,7 @@ def _chunked_token_logps(head, states, targets, chunk_size, softcap, anchor):
             # This rank ran out of positions but must still call the head (a ZeRO-3 collective,
             # in forward and in the checkpoint's recompute); weight 0 keeps it in the graph.
             h, t = anchor, targets.new_zeros(1)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and recompute:
             lp, mean = checkpoint(_head_logps, head, h, t, softcap, use_reentrant=False)
         else:
             lp, mean = _head_logps(head, h, t, softcap)
@@ -300,16 +308,29 @@ def _head_logps(head, h, targets, softcap):
     return picked - torch.logsumexp(logits, dim=1), logits.mean(dim=1)
 
 
-def _agreed_chunk_count(n_positions: int, chunk_size: int) -> int:
-    """Number of head calls this forward makes: the max over ranks, so collectives line up."""
-    count = math.ceil(n_positions / chunk_size)
+# Logits kept for backward without recomputation: up to 2**26 floats (256 MiB in float32) per forward.
+HEAD_LOGITS_BUDGET = 2 ** 26
+
+
+def _vocab_size(head: nn.Module) -> int:
+    """Output width of the LM head (read from the module: under ZeRO-3 its weight is a 0-size shard)."""
+    size = getattr(head, "out_features", None)
+    if size is None:
+        weight = getattr(head, "weight", None)
+        size = getattr(weight, "ds_shape", getattr(weight, "shape", (0,)))[0]
+    return int(size)
+
+
+def _agreed_max_positions(n_positions: int) -> int:
+    """The most completion positions any rank scores in this forward (max over ranks): it fixes the
+    number of head calls, so that ZeRO-3's collectives line up."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([count], dtype=torch.long)
+        t = torch.tensor([n_positions], dtype=torch.long)
         if dist.get_backend() == "nccl":
             t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        count = int(t.item())
-    return max(count, 1)
+        n_positions = int(t.item())
+    return n_positions
 
 
 class RewardScorer(nn.Module):
@@ -373,7 +394,7 @@ class RewardScorer(nn.Module):
         packed = pack_rows(attention_mask, self.pack_tokens)
         extra = {"output_router_logits": True} if spec is not None else {}
         out = base(input_ids=packed.gather(input_ids), attention_mask=None, position_ids=packed.position_ids,
-                   use_cache=False, **extra)
+                   use_cache=False, dspref_packed=True, **extra)
         hidden = out.last_hidden_state  # (bins, L, H)
         # The scored position, as transformers finds it on the padded row: the rightmost non-pad id.
         n, t = input_ids.shape

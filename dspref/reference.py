@@ -111,6 +111,10 @@ def build_reference(cfg, *, policy_engine, policy_ds: dict, ref_ds_user: dict | 
                                 ref_adapter_name=cfg.ref_adapter_name)
 
     def scorer(model):  # the reference scores exactly as the policy does (padding-free or not)
+        if pack_tokens(cfg):
+            from dspref.attention import use_packed_attention
+
+            use_packed_attention(model)
         return SequenceScorer(model, cfg.logits_chunk_size, pack_tokens=pack_tokens(cfg))
 
     path = cfg.ref_model or cfg.model_name_or_path

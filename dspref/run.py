@@ -194,13 +194,17 @@ def build_policy(cfg, objective, model_config, ds_config: dict, pad_id: int):
                            random_init=cfg.random_init, init_kwargs=cfg.model_init_kwargs,
                            trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, pad_token_id=pad_id)
     eng.prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
+    from dspref.config import pack_tokens
+
+    if pack_tokens(cfg):
+        from dspref.attention import use_packed_attention
+
+        use_packed_attention(model)  # sdpa: attend within each packed sequence only, not over the whole row
     if cfg.peft_config:
         has_ref = isinstance(cfg, ReferenceConfig)
         ref_adapter = (cfg.ref_adapter_name, cfg.ref_adapter_path) if has_ref and cfg.ref_adapter_name else None
         model = eng.apply_peft(model, cfg.peft_config, kind=objective.model_kind,
                                adapter_name=cfg.model_adapter_name if has_ref else None, ref_adapter=ref_adapter)
-    from dspref.config import pack_tokens
-
     return make_scorer(model, objective.model_kind, cfg.logits_chunk_size,
                        router_aux=objective.router_aux_loss_coef > 0, pack_tokens=pack_tokens(cfg))
 

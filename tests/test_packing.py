@@ -123,6 +123,51 @@ def test_packing_is_really_block_diagonal():
     assert (wrong - padded).abs().max() > 1e-2
 
 
+def test_per_sequence_attention_equals_masked_row_and_is_used():
+    """``dspref_sdpa`` (one causal sdpa per packed sequence) gives the masked row's log-probs and gradients,
+    also through gradient checkpointing's recompute; unpacked calls and generation fall back to sdpa."""
+    import dspref.attention as attention
+    from transformers import AttentionInterface
+
+    model = _causal(_qwen2())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, attention_mask, completion = _batch([40, 12, 25, 7, 33, 18], [10, 3, 8, 2, 20, 5])
+
+    def run():
+        model.zero_grad()
+        out = score_sequences(model, ids, attention_mask, completion, chunk_size=16, pack_tokens=64)["logps"]
+        out.sum().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    masked, masked_grad = run()
+    assert attention.use_packed_attention(model) and model.config._attn_implementation == "dspref_sdpa"
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(bool(kwargs.get("dspref_packed")))
+        return attention.packed_sdpa_forward(*args, **kwargs)
+
+    AttentionInterface.register("dspref_sdpa", counting)
+    try:
+        per_sequence, per_sequence_grad = run()
+        assert calls == [True] * 4  # 2 layers, forward and recompute
+        torch.testing.assert_close(per_sequence, masked, atol=1e-5, rtol=0)
+        torch.testing.assert_close(per_sequence_grad, masked_grad, atol=1e-5, rtol=1e-4)
+        calls.clear()
+        model.eval()
+        prompt = torch.randint(1, 300, (2, 5), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            switched = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        assert calls and not any(calls)  # generation never takes the packed path
+    finally:
+        AttentionInterface.register("dspref_sdpa", attention.packed_sdpa_forward)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), switched)
+    assert not attention.use_packed_attention(_causal(_qwen2("eager")))  # only sdpa is switched
+
+
 # --------------------------------------------------------------------------- every method's loss
 def _paired_rows(n=4, seed=3):
     g = torch.Generator().manual_seed(seed)
