@@ -8,9 +8,12 @@ what flash-attention's variable-length kernel does on GPU. Every other call (unp
 generation with a KV cache) goes to transformers' own sdpa function unchanged, so a model switched
 to it behaves exactly as under ``sdpa`` everywhere else.
 
-The scorer marks a packed forward with the keyword ``dspref_packed=True``, which transformers
-passes down to the attention function (also on the recompute of gradient checkpointing, which
-replays the layer's keyword arguments).
+The scorer marks a packed forward with the keyword ``dspref_packed``, which transformers passes
+down to the attention function (also on the recompute of gradient checkpointing, which replays the
+layer's keyword arguments): ``True`` (sequences start where ``position_ids`` restart), or the
+packing's segment list when rows share a prompt (:func:`dspref.logps.shared_prompts`): the prompt
+is packed once and each completion attends to it and to itself, so the prompt's tokens go through
+the model once for CPO's chosen and rejected rows and for KTO's completion and KL rows.
 """
 
 from __future__ import annotations
@@ -32,17 +35,31 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     length = query.shape[2]
-    position_ids = position_ids.expand(query.shape[0], -1)
+    if isinstance(dspref_packed, list):  # shared prompts: per bin, (start, end, prefix_start, prefix_end)
+        layout = dspref_packed
+    else:
+        layout = [[(s, e, -1, -1) for s, e in zip(starts, starts[1:] + [length])]
+                  for starts in sequence_starts(position_ids.expand(query.shape[0], -1))]
     rows = []
-    for b, starts in enumerate(sequence_starts(position_ids)):
-        bounds = starts + [length]
-        pieces = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                 dropout_p=dropout, is_causal=True, scale=scaling,
-                                                 enable_gqa=groups > 1)
-                  for s, e in zip(bounds[:-1], bounds[1:])]
+    for b, segments in enumerate(layout):
+        pieces = [_segment(query[b:b + 1], key[b:b + 1], value[b:b + 1], *segment, dropout=dropout, scale=scaling,
+                           gqa=groups > 1)
+                  for segment in segments]
         rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _segment(query, key, value, start: int, end: int, prefix_start: int, prefix_end: int, *, dropout, scale, gqa):
+    """Causal attention of positions start..end-1 over themselves and, when given, a shared prefix before them."""
+    q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+    if prefix_start < 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+    n, p = end - start, prefix_end - prefix_start
+    k = torch.cat([key[:, :, prefix_start:prefix_end], k], dim=2)
+    v = torch.cat([value[:, :, prefix_start:prefix_end], v], dim=2)
+    mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(diagonal=p)  # all of the prefix, causal after
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
 
 
 def sequence_starts(position_ids: torch.Tensor) -> list[list[int]]:

@@ -82,7 +82,13 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
     extra = {"output_router_logits": True} if spec is not None else {}
     # Position t predicts token t+1: keep only the positions whose target is a completion token.
     target_mask = completion_mask[:, 1:].bool()  # (N, T-1)
-    packed = pack_rows(attention_mask, pack_tokens) if pack_tokens else None
+    packed = None
+    if pack_tokens:
+        # The shared-prompt layout needs dspref's per-sequence attention; the MoE aux loss counts every
+        # row's prompt tokens, so it keeps one copy per row.
+        share = spec is None and _attention_of(model) == "dspref_sdpa"
+        groups = shared_prompts(input_ids, attention_mask, completion_mask) if share else None
+        packed = pack_rows(attention_mask, pack_tokens, groups or None)
     if packed is None:
         out = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra,
@@ -92,7 +98,7 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
         aux_mask = attention_mask
     else:
         out = backbone(input_ids=packed.gather(input_ids), attention_mask=None, position_ids=packed.position_ids,
-                       use_cache=False, dspref_packed=True, **extra)  # the flag: see dspref.attention
+                       use_cache=False, dspref_packed=packed.segments or True, **extra)  # see dspref.attention
         hidden = out.last_hidden_state  # (bins, L, H)
         states = packed.states(hidden, target_mask)  # (M, H), the same rows in the same order as above
         aux_mask = packed.token_mask(aux_row_mask)
@@ -117,6 +123,11 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
     return result
 
 
+def _attention_of(model) -> Optional[str]:
+    """The attention implementation the (possibly PEFT-wrapped) model runs with."""
+    return getattr(getattr(_hf_model(model), "config", None), "_attn_implementation", None)
+
+
 @dataclass(frozen=True)
 class PackedRows:
     """Where each real token of a padded ``(N, T)`` batch sits in the packed ``(bins, L)`` batch.
@@ -130,6 +141,7 @@ class PackedRows:
     flat: torch.Tensor
     position_ids: torch.Tensor
     row_of: torch.Tensor
+    segments: Optional[list] = None  # with shared prefixes: per bin, (start, end, prefix_start, prefix_end)
 
     def gather(self, values: torch.Tensor, fill=0) -> torch.Tensor:
         """``values`` (N, T) laid out as the bins (bins, L); ``fill`` in the tails."""
@@ -157,46 +169,93 @@ class PackedRows:
         return self.flat[rows, positions]
 
 
-def pack_rows(attention_mask: torch.Tensor, bin_tokens: int) -> PackedRows:
+def pack_rows(attention_mask: torch.Tensor, bin_tokens: int, prefix_groups: Optional[list] = None) -> PackedRows:
     """Pack the rows' real tokens (``attention_mask`` 1; contiguous in each row) into bins.
 
-    First-fit decreasing: rows longest first, each into the first bin with room for it, bins of
-    ``max(bin_tokens, longest row)`` tokens; a row is never split. ``L`` is the fullest bin's fill.
-    The order of rows inside a bin follows the batch order, so the packing is deterministic.
+    ``prefix_groups`` (optional, see :func:`shared_prompts`): ``[(rows, prefix_length), ...]``, rows whose
+    first ``prefix_length`` real tokens are identical. Such a group is laid out once as the prefix
+    followed by each row's remaining tokens (positions continuing from the prefix), and the result's
+    ``segments`` tell :mod:`dspref.attention` that each of those parts attends to the prefix and to
+    itself: the shared prompt is computed once. Rows in no group are groups of their own.
+
+    First-fit decreasing: groups longest first, each into the first bin with room for it, bins of
+    ``max(bin_tokens, longest group)`` tokens; a group is never split. ``L`` is the fullest bin's fill.
+    The order inside a bin follows the batch order, so the packing is deterministic.
     Attention over a bin costs ~L² with a dense block-diagonal mask, which is why bins are bounded
-    (variable-length kernels do not pay it).
+    (per-sequence attention, ``dspref_sdpa`` or flash-attention's variable-length kernel, does not pay it).
     """
-    mask = attention_mask.bool()
+    mask = attention_mask.bool().cpu()
     lengths = mask.sum(dim=1).tolist()
-    capacity = max([int(bin_tokens)] + lengths)
+    grouped = {row for rows, _ in (prefix_groups or []) for row in rows}
+    groups = [(list(rows), int(p)) for rows, p in (prefix_groups or [])]
+    groups += [([row], 0) for row in range(len(lengths)) if row not in grouped]
+    groups.sort(key=lambda g: min(g[0]))
+    sizes = [p + sum(lengths[r] - p for r in rows) for rows, p in groups]
+    capacity = max([int(bin_tokens)] + sizes)
     fills: list[int] = []
     members: list[list[int]] = []
-    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+    for g in sorted(range(len(groups)), key=lambda g: (-sizes[g], g)):
         for b, fill in enumerate(fills):
-            if fill + lengths[row] <= capacity:
-                fills[b] += lengths[row]
-                members[b].append(row)
+            if fill + sizes[g] <= capacity:
+                fills[b] += sizes[g]
+                members[b].append(g)
                 break
         else:
-            fills.append(lengths[row])
-            members.append([row])
+            fills.append(sizes[g])
+            members.append([g])
     width = max(fills) if fills else 1
     n_rows, n_cols = mask.shape
     flat = torch.full((n_rows, n_cols), -1, dtype=torch.long)
     position_ids = torch.zeros(len(fills), width, dtype=torch.long)
     row_of = torch.full((len(fills), width), -1, dtype=torch.long)
+    segments: list[list[tuple[int, int, int, int]]] = []  # per bin: (start, end, prefix_start, prefix_end)
     columns = torch.arange(n_cols)
-    for b, rows in enumerate(members):
-        offset = 0
-        for row in sorted(rows):
-            n = lengths[row]
-            flat[row, columns[mask[row].cpu()]] = b * width + offset + torch.arange(n)
-            position_ids[b, offset:offset + n] = torch.arange(n)
-            row_of[b, offset:offset + n] = row
-            offset += n
+    for b, in_bin in enumerate(members):
+        offset, bin_segments = 0, []
+        for g in sorted(in_bin):
+            rows, p = groups[g]
+            if p:
+                position_ids[b, offset:offset + p] = torch.arange(p)
+                row_of[b, offset:offset + p] = rows[0]
+                bin_segments.append((offset, offset + p, -1, -1))
+                prefix = (offset, offset + p)
+                offset += p
+            for row in rows:
+                cols = columns[mask[row]]
+                n = lengths[row] - p
+                if p:
+                    flat[row, cols[:p]] = b * width + prefix[0] + torch.arange(p)
+                flat[row, cols[p:]] = b * width + offset + torch.arange(n)
+                position_ids[b, offset:offset + n] = torch.arange(p, p + n)
+                row_of[b, offset:offset + n] = row
+                bin_segments.append((offset, offset + n, *(prefix if p else (-1, -1))))
+                offset += n
         position_ids[b, offset:] = torch.arange(width - offset)
+        if offset < width:
+            bin_segments.append((offset, width, -1, -1))
+        segments.append(bin_segments)
     device = attention_mask.device
-    return PackedRows(flat=flat.to(device), position_ids=position_ids.to(device), row_of=row_of.to(device))
+    return PackedRows(flat=flat.to(device), position_ids=position_ids.to(device), row_of=row_of.to(device),
+                      segments=segments if prefix_groups else None)
+
+
+def shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> list:
+    """Groups of rows with the same prompt: ``[(rows, prompt_length), ...]`` for :func:`pack_rows`.
+
+    CPO's chosen and rejected rows share their prompt, and so do KTO's completion and KL rows; the
+    prompt is what comes before a row's first completion token. Right-padded rows only (the
+    collators' layout); rows without a prompt or without a completion are left alone.
+    """
+    if not bool(attention_mask[:, 0].all()):
+        return []
+    has_completion = completion_mask.bool().any(dim=1)
+    prompt_lengths = completion_mask.bool().int().argmax(dim=1)
+    by_prompt: dict[tuple, list[int]] = {}
+    for row in range(input_ids.shape[0]):
+        p = int(prompt_lengths[row])
+        if has_completion[row] and p > 0:
+            by_prompt.setdefault(tuple(input_ids[row, :p].tolist()), []).append(row)
+    return [(rows, len(prompt)) for prompt, rows in by_prompt.items() if len(rows) > 1]
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def test_packing_is_really_block_diagonal():
     leaky = logps.PackedRows(flat=real.flat, row_of=real.row_of,
                              position_ids=torch.arange(real.position_ids.shape[1]).expand_as(real.position_ids))
     original = logps.pack_rows
-    logps.pack_rows = lambda mask, n: leaky
+    logps.pack_rows = lambda mask, n, groups=None: leaky
     try:
         wrong = score_sequences(model, ids, attention, completion, pack_tokens=64)["logps"]
     finally:
@@ -166,6 +166,45 @@ def test_per_sequence_attention_equals_masked_row_and_is_used():
     with torch.no_grad():
         assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), switched)
     assert not attention.use_packed_attention(_causal(_qwen2("eager")))  # only sdpa is switched
+
+
+@pytest.mark.parametrize("kind", ["paired", "unpaired_kl"])
+def test_shared_prompts_are_packed_once_with_the_same_logps(kind):
+    """CPO's chosen/rejected rows and KTO's completion/KL rows share a prompt: with dspref_sdpa it is packed
+    once and every completion attends to it; log-probs and gradients equal the padded batch's."""
+    import dspref.attention as attention
+    from dspref.data.collate import PairedCollator
+    from dspref.data.unpaired import UnpairedCollator
+    from dspref.logps import shared_prompts
+
+    rows = _paired_rows()
+    if kind == "paired":
+        batch = PairedCollator(0)(rows)
+    else:
+        batch = UnpairedCollator(0, with_kl=True)([{"prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"],
+                                                    "label": True} for r in rows])
+    ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    groups = shared_prompts(ids, mask, completion)
+    assert sorted(sorted(rows_) for rows_, _ in groups) == [[i, i + 4] for i in range(4)]
+    model = _causal(_qwen2())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    weights = torch.linspace(0.5, 1.5, ids.shape[0])
+
+    def run(pack):
+        model.zero_grad()
+        out = score_sequences(model, ids, mask, completion, chunk_size=16, pack_tokens=pack)
+        (out["logps"] * weights).sum().backward()
+        return out["logps"].detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    padded, padded_grad = run(None)
+    assert attention.use_packed_attention(model)
+    shared, shared_grad = run(64)
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_grad, padded_grad, atol=1e-5, rtol=1e-4)
+    packed = pack_rows(mask, 64, groups)
+    prompt_tokens = sum(p for _, p in groups)
+    assert int((packed.row_of >= 0).sum()) == int(mask.sum()) - prompt_tokens  # each prompt once
 
 
 # --------------------------------------------------------------------------- every method's loss
