@@ -3,10 +3,9 @@
 Used by the policy, the reference, precompute and eval alike. It never builds the
 ``[batch, seq, vocab]`` float32 logits: the backbone gives the last hidden states, only the
 positions that predict completion tokens are kept, and the output embedding is applied to
-them in chunks. Past ``HEAD_LOGITS_BUDGET`` (positions × vocabulary) each chunk is wrapped in a
-non-reentrant activation checkpoint, so that its logits are freed right after the
-``gather − logsumexp`` and recomputed in backward; below it the logits are kept (one head matmul
-fewer per chunk).
+them in chunks. When there is more than one chunk, each is wrapped in a non-reentrant activation
+checkpoint, so that its logits are freed right after the ``gather − logsumexp`` and recomputed in
+backward; a single chunk keeps its logits (one head matmul fewer, the same peak memory).
 
 Under ZeRO-3 the output embedding is sharded. Calling the ``lm_head`` *module* per chunk (not
 reading ``lm_head.weight``) lets ZeRO's forward hooks gather and release the weight (TRL
@@ -328,11 +327,12 @@ def _chunked_token_logps(head, states, targets, chunk_size, softcap, anchor):
     n_positions = states.shape[0]
     most = _agreed_max_positions(n_positions)  # the same on every rank
     n_chunks = max(math.ceil(most / chunk_size), 1)
-    # Keeping every chunk's logits for backward costs positions x vocab floats; recomputing them
-    # costs one more head matmul per chunk (~10% of a step for a small model with a large vocabulary).
-    # Recompute only past a fixed budget. Decided from agreed values, so every rank makes the same
-    # head calls in backward (each one a ZeRO-3 collective).
-    recompute = most * _vocab_size(head) > HEAD_LOGITS_BUDGET
+    # One chunk: keep its logits for backward instead of recomputing them (one head matmul fewer,
+    # ~8% of a step for a small model with a large vocabulary). Its backward peak (logits, softmax,
+    # gradient) is the same as a recomputed chunk's, so this costs no memory. Several chunks: each is
+    # recomputed, so that at most one chunk's logits exist at a time. ``most`` is agreed over ranks,
+    # so every rank makes the same head calls in backward (each one a ZeRO-3 collective).
+    recompute = n_chunks > 1
     logps, means = [], []
     filler = states.new_zeros((), dtype=torch.float32)
     for i in range(n_chunks):
@@ -365,19 +365,6 @@ def _head_logps(head, h, targets, softcap):
         logits = torch.tanh(logits / softcap) * softcap
     picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
     return picked - torch.logsumexp(logits, dim=1), logits.mean(dim=1)
-
-
-# Logits kept for backward without recomputation: up to 2**26 floats (256 MiB in float32) per forward.
-HEAD_LOGITS_BUDGET = 2 ** 26
-
-
-def _vocab_size(head: nn.Module) -> int:
-    """Output width of the LM head (read from the module: under ZeRO-3 its weight is a 0-size shard)."""
-    size = getattr(head, "out_features", None)
-    if size is None:
-        weight = getattr(head, "weight", None)
-        size = getattr(weight, "ds_shape", getattr(weight, "shape", (0,)))[0]
-    return int(size)
 
 
 def _agreed_max_positions(n_positions: int) -> int:
@@ -450,10 +437,12 @@ class RewardScorer(nn.Module):
 
     def _packed(self, input_ids, attention_mask, spec):
         base, head, pad_id = classifier_parts(self.model)
-        packed = pack_rows(attention_mask, self.pack_tokens)
+        share = spec is None and _attention_of(self.model) == "dspref_sdpa"
+        groups = paired_prefixes(input_ids, attention_mask) if share else None
+        packed = pack_rows(attention_mask, self.pack_tokens, groups or None)
         extra = {"output_router_logits": True} if spec is not None else {}
         out = base(input_ids=packed.gather(input_ids), attention_mask=None, position_ids=packed.position_ids,
-                   use_cache=False, dspref_packed=True, **extra)
+                   use_cache=False, dspref_packed=packed.segments or True, **extra)
         hidden = out.last_hidden_state  # (bins, L, H)
         # The scored position, as transformers finds it on the padded row: the rightmost non-pad id.
         n, t = input_ids.shape
@@ -468,6 +457,26 @@ class RewardScorer(nn.Module):
         if spec is not None:
             result["aux_loss"] = spec.loss(out.router_logits, packed.token_mask())
         return result
+
+
+def paired_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
+    """``[([i, i + N/2], common prefix length), ...]``: a reward batch stacks [chosen; rejected], and each
+    pair's common leading tokens (their prompt) are packed once (:func:`pack_rows`). The prefix stops
+    at least one token before the shorter sequence ends, so each row keeps tokens of its own."""
+    n = input_ids.shape[0]
+    if n % 2:
+        return []
+    mask = attention_mask.bool()
+    groups = []
+    for i in range(n // 2):
+        a, b = input_ids[i][mask[i]], input_ids[i + n // 2][mask[i + n // 2]]
+        shortest = min(a.numel(), b.numel())
+        differ = (a[:shortest] != b[:shortest]).nonzero()
+        common = int(differ[0]) if differ.numel() else shortest
+        common = min(common, shortest - 1)
+        if common > 0:
+            groups.append(([i, i + n // 2], common))
+    return groups
 
 
 def classifier_parts(model: nn.Module):

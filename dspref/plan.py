@@ -453,15 +453,7 @@ def _logits(shape: ModelShape, inp: PlanInputs, setup: Setup) -> float:
     positions = inp.sequences * (inp.max_length - 1)  # worst case: every position predicts a completion token
     rows = min(inp.logits_chunk_size, positions) if setup.chunked_logits else positions
     per_element = a + (FP32 if a != FP32 else 0) + FP32 + FP32
-    kept = 0.0
-    if setup.chunked_logits:  # below the budget dspref keeps every chunk's logits instead of recomputing
-        if positions * shape.vocab_size <= HEAD_LOGITS_BUDGET:
-            kept = positions * shape.vocab_size * (a + (FP32 if a != FP32 else 0))
-    return rows * shape.vocab_size * per_element + kept
-
-
-# dspref.logps.HEAD_LOGITS_BUDGET, repeated here so that planning never imports torch (a test keeps them equal)
-HEAD_LOGITS_BUDGET = 2 ** 26
+    return rows * shape.vocab_size * per_element
 
 
 def _ipg_elements(inp: PlanInputs, trainable: int) -> int:

@@ -207,6 +207,41 @@ def test_shared_prompts_are_packed_once_with_the_same_logps(kind):
     assert int((packed.row_of >= 0).sum()) == int(mask.sum()) - prompt_tokens  # each prompt once
 
 
+def test_reward_pairs_share_their_prompt_with_the_same_rewards():
+    """A reward batch [chosen; rejected]: each pair's common prefix is packed once (dspref_sdpa), the
+    rewards and gradients equal the padded batch's, also where one side ends right after the prefix."""
+    import dspref.attention as attention
+    from transformers import AutoModelForSequenceClassification
+
+    from dspref.data.reward import RewardCollator
+    from dspref.logps import paired_prefixes
+
+    rows = _paired_rows()
+    rows = [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]}
+            for r in rows]
+    rows[1]["rejected_ids"] = rows[1]["chosen_ids"][:5]  # a strict prefix of its chosen side
+    batch = RewardCollator(0)(rows)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    groups = paired_prefixes(ids, mask)
+    assert ([1, 5], 4) in groups and len(groups) == 4
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(_qwen2(num_labels=1))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    def run(pack):
+        model.zero_grad()
+        rewards = RewardScorer(model, pack_tokens=pack)(ids, mask)["rewards"]
+        (rewards * torch.linspace(0.5, 1.5, 8)).sum().backward()
+        return rewards.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    padded, padded_grad = run(None)
+    assert attention.use_packed_attention(model)
+    shared, shared_grad = run(48)
+    torch.testing.assert_close(shared, padded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_grad, padded_grad, atol=1e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- every method's loss
 def _paired_rows(n=4, seed=3):
     g = torch.Generator().manual_seed(seed)

@@ -286,9 +286,3 @@ def test_readme_plans_are_the_planners_output():
         command, expected = block.split("\n", 1)
         _, actual = P.run_plan(shlex.split(command)[3:])
         assert actual.strip() == expected.strip(), command
-
-
-def test_head_logits_budget_matches_the_scorer():
-    from dspref import logps, plan
-
-    assert plan.HEAD_LOGITS_BUDGET == logps.HEAD_LOGITS_BUDGET
