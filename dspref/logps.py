@@ -5,7 +5,10 @@ Used by the policy, the reference, precompute and eval alike. It never builds th
 positions that predict completion tokens are kept, and the output embedding is applied to
 them in chunks. When there is more than one chunk, each is wrapped in a non-reentrant activation
 checkpoint, so that its logits are freed right after the ``gather − logsumexp`` and recomputed in
-backward; a single chunk keeps its logits (one head matmul fewer, the same peak memory).
+backward; a single chunk keeps its logits (one head matmul fewer, the same peak memory). The
+log-softmax itself is one autograd function (:class:`TokenLogps`) whose backward turns the kept
+logits into their gradient in place: a chunk costs its logits once, not the logits plus the
+softmax, gradient and scatter buffers that autograd's ``logsumexp``/``gather`` backward allocate.
 
 Under ZeRO-3 the output embedding is sharded. Calling the ``lm_head`` *module* per chunk (not
 reading ``lm_head.weight``) lets ZeRO's forward hooks gather and release the weight (TRL
@@ -327,6 +330,7 @@ def _chunked_token_logps(head, states, targets, chunk_size, softcap, anchor):
     n_positions = states.shape[0]
     most = _agreed_max_positions(n_positions)  # the same on every rank
     n_chunks = max(math.ceil(most / chunk_size), 1)
+    chunk_size = max(math.ceil(most / n_chunks), 1)  # balanced: 1030 positions are 2 x 515, not 1024 + 6
     # One chunk: keep its logits for backward instead of recomputing them (one head matmul fewer,
     # ~8% of a step for a small model with a large vocabulary). Its backward peak (logits, softmax,
     # gradient) is the same as a recomputed chunk's, so this costs no memory. Several chunks: each is
@@ -363,8 +367,53 @@ def _head_logps(head, h, targets, softcap):
     logits = head(h).float()  # (m, V): the only logits that exist, one chunk at a time
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return picked - torch.logsumexp(logits, dim=1), logits.mean(dim=1)
+    with torch.no_grad():
+        means = logits.mean(dim=1)  # metrics only
+    return TokenLogps.apply(logits, targets), means
+
+
+def _row_block(logits: torch.Tensor) -> int:
+    """Rows of ``logits`` per elementwise pass: ~8 MiB of fp32 on CPU (the pass stays in cache),
+    ~128 MiB on an accelerator (few kernel launches)."""
+    budget = 2 ** 21 if logits.device.type == "cpu" else 2 ** 25
+    return max(budget // max(logits.shape[1], 1), 1)
+
+
+class TokenLogps(torch.autograd.Function):
+    """``logits.log_softmax(-1).gather(1, targets)`` for float32 ``logits`` (m, V), in two passes.
+
+    Forward: the per-row logsumexp, a block of rows at a time (``torch.logsumexp`` builds a whole
+    (m, V) temporary; this builds one block's). Backward: the gradient ``g·(onehot − softmax)`` is
+    written over the saved logits, block by block, and returned as the logits' gradient, so backward
+    allocates nothing of size (m, V). That is safe because the logits are an output no other autograd
+    node saves (the head's matmul keeps its input and weight; an ``.float()`` upcast or a softcap's
+    final multiply keep nothing); were one to save them, autograd's version check would raise
+    instead of computing a wrong gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        block = _row_block(logits)
+        lse = logits.new_empty(logits.shape[0])
+        for start in range(0, logits.shape[0], block):
+            rows = logits[start:start + block]
+            top = rows.amax(dim=1, keepdim=True)
+            # -inf rows (a fully masked vocabulary) would give nan: shift them by 0 instead
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            lse[start:start + block] = (rows - top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+        picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+        ctx.save_for_backward(logits, targets, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        block = _row_block(logits)
+        for start in range(0, logits.shape[0], block):
+            rows = logits[start:start + block]
+            rows.sub_(lse[start:start + block, None]).exp_().mul_(-grad[start:start + block, None])
+        logits.scatter_add_(1, targets.unsqueeze(1), grad.unsqueeze(1).to(logits.dtype))
+        return logits, None
 
 
 def _agreed_max_positions(n_positions: int) -> int:

@@ -441,18 +441,22 @@ def _activations(shape: ModelShape, inp: PlanInputs, setup: Setup) -> float:
     return tokens * (stored + outside)
 
 
-def _logits(shape: ModelShape, inp: PlanInputs, setup: Setup) -> float:
+def _logits(shape: ModelShape, inp: PlanInputs, setup: Setup, *, grad: bool = True) -> float:
     """The head's output in one chunk (dspref.logps) or all at once (TRL's [N, T, V] fp32 logits).
 
-    Per element: the head's output (a), its fp32 upcast (4; none when a is fp32), logsumexp's
-    exp temporary (4) and, in backward, the fp32 gradient of the logits (4).
+    Per element, both: the head's output (a) and its fp32 upcast (4; none when a is fp32). TRL's
+    autograd log-softmax adds logsumexp's exp temporary (4) and, in backward, the fp32 gradient of
+    the logits (4). dspref's ``TokenLogps`` adds neither: its logsumexp runs a block of rows at a time
+    and its backward writes the gradient over the logits. ``grad=False``: a forward without gradient.
     """
     if shape.kind != "causal-lm":
         return 0.0  # a reward model's head has one output per position
     a = inp.elem
     positions = inp.sequences * (inp.max_length - 1)  # worst case: every position predicts a completion token
     rows = min(inp.logits_chunk_size, positions) if setup.chunked_logits else positions
-    per_element = a + (FP32 if a != FP32 else 0) + FP32 + FP32
+    per_element = a + (FP32 if a != FP32 else 0)
+    if not setup.chunked_logits:
+        per_element += FP32 + (FP32 if grad else 0)
     return rows * shape.vocab_size * per_element
 
 
@@ -566,7 +570,7 @@ def _prepass(e: Estimate, shape: ModelShape, inp: PlanInputs) -> float:
     adam = ADAM_STATE_BYTES * shape.trainable / (inp.world_size if s.zero_stage else 1) if s.offload == "none" else 0
     states = e.params + e.grads + e.optim - adam
     forward = inp.sequences * inp.max_length * _activation_bytes_per_token_layer(shape, inp.elem)
-    logits = _logits(shape, inp, s) / 2  # forward only: no gradient
+    logits = _logits(shape, inp, s, grad=False)
     return states + e.buffers + ref_gpu + forward + logits
 
 
@@ -759,8 +763,8 @@ def _header(shape: ModelShape, inp: PlanInputs, lora: Optional[LoraSpec]) -> lis
         f"dspref plan: {shape.name} ({shape.architecture}, {billions(shape.params)} parameters, {trainable}); "
         f"method {inp.method} ({ref}); {where}",
         f"micro-batch {inp.micro_batch} x {SEQS_PER_EXAMPLE[inp.method]} sequences x {inp.max_length} tokens per "
-        f"GPU, {inp.dtype}, AdamW; packing off (dspref pads each micro-batch; a packed one of the same token "
-        f"budget needs the same memory)",
+        f"GPU, {inp.dtype}, AdamW; activations of padded rows (padding_free packs the same tokens "
+        f"without the padding: never more)",
         "GiB per GPU; GPU = params + grads + optim + ref + max(act + logits + buf, step)"
         " (^: the precompute pass before training is the peak); logits 'full' = one chunk of every position, "
         "as TRL's [N, T, V] logits",
