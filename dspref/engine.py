@@ -221,19 +221,29 @@ class Engine:
     def __init__(self, scorer: nn.Module, ds_config: dict, *, optimizer_factory=None, scheduler_factory=None):
         import deepspeed
 
+        from dspref.optim import sliced_adamw_from_ds_block
+
+        trainable = [p for p in scorer.parameters() if p.requires_grad]
         optimizer = None
+        init_config = ds_config
         if "optimizer" not in ds_config and optimizer_factory is not None:
-            optimizer = optimizer_factory([p for p in scorer.parameters() if p.requires_grad])
+            optimizer = optimizer_factory(trainable)
+        else:
+            # torch's AdamW (the CPU choice, see dsconfig) built by dspref with a sliced update:
+            # the same result without two temporaries the size of the whole flat partition.
+            optimizer = sliced_adamw_from_ds_block(ds_config, trainable)
+            if optimizer is not None:
+                init_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
         scheduler = None
         if "scheduler" not in ds_config and scheduler_factory is not None:
             scheduler = scheduler_factory
         mark_moe_leaf_modules(scorer, ds_config)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=scorer,
-            model_parameters=[p for p in scorer.parameters() if p.requires_grad],
+            model_parameters=trainable,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=ds_config,
+            config=init_config,
         )
         self.ds_config = ds_config
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -472,10 +472,13 @@ def _ipg_elements(inp: PlanInputs, trainable: int) -> int:
 
 
 def _adamw_temporaries(inp: PlanInputs, largest_tensor: float) -> float:
-    """On CPU dspref runs torch.optim.AdamW (dsconfig fills "torch_adam": true), whose per-tensor
-    path builds ``exp_avg_sq.sqrt() / bias_correction2_sqrt`` (two fp32 temporaries of the tensor's
-    size: under ZeRO the whole flat partition). On GPU DeepSpeed's FusedAdam updates in place."""
-    return TORCH_ADAMW_TEMPORARIES * FP32 * largest_tensor if inp.on_cpu else 0.0
+    """On CPU dspref runs :class:`dspref.optim.SlicedAdamW` (torch's AdamW update, where dsconfig
+    fills "torch_adam": true), whose ``exp_avg_sq.sqrt() / bias_correction2_sqrt`` are two fp32
+    temporaries of one slice (at most ``SLICE_ELEMENTS``), not of the whole flat partition. On GPU
+    DeepSpeed's FusedAdam updates in place."""
+    from dspref.optim import SLICE_ELEMENTS
+
+    return TORCH_ADAMW_TEMPORARIES * FP32 * min(largest_tensor, SLICE_ELEMENTS) if inp.on_cpu else 0.0
 
 
 def _gathered(inp: PlanInputs, elements: float, from_host: bool) -> float:
