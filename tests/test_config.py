@@ -431,3 +431,17 @@ def test_register_method_checks_its_arguments(toy_method):
     with pytest.raises(TypeError):
         register_method("dict", dict)
     assert register_method("toy", _ToyConfig) is _ToyConfig  # re-registering the same class is fine
+
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "configs")
+
+
+@pytest.mark.parametrize("recipe", sorted(f for f in os.listdir(RECIPES) if f.endswith(".yaml")))
+def test_shipped_recipes_parse(recipe):
+    """Every recipe in launch/configs is valid as shipped (the data paths need not exist to parse)."""
+    cfg, given = C.parse_args(["--config", os.path.join(RECIPES, recipe)])
+    assert cfg.method in METHOD_CONFIGS and "method" in given
+    if recipe in ("cpo.yaml", "kto.yaml"):
+        assert cfg.padding_free is True
+    if recipe == "kto.yaml":
+        assert cfg.precompute_ref_log_probs is True and cfg.loss_type == "kto"
