@@ -175,7 +175,9 @@ class TrainConfig:
     padding_free_bin_size: Optional[int] = _opt(None, "With padding_free: most tokens per packed row (a longer "
                                                 "sequence gets a row of its own). Attention over a row with a "
                                                 "dense mask costs its length squared, so bins are bounded. None: "
-                                                "max_length (or 2048 without one).", "training")
+                                                "one row per micro-batch where attention runs per sequence "
+                                                "(dspref_sdpa, flash-attention), so no row has a padded tail; "
+                                                "max_length (or 2048 without one) elsewhere.", "training")
     group_by_length: bool = _opt(False, "Form micro-batches of similar-length sequences: each rank's shuffled "
                                  "rows are sorted by length, longest first, within groups of 50 micro-batches, "
                                  "so padded batches waste fewer tokens.", "training")
@@ -455,6 +457,12 @@ def pack_tokens(cfg: TrainConfig) -> Optional[int]:
     if not cfg.padding_free:
         return None
     return int(cfg.padding_free_bin_size or getattr(cfg, "max_length", None) or 2048)
+
+
+def pack_one_row(cfg: TrainConfig) -> bool:
+    """With ``padding_free`` and no ``padding_free_bin_size``: a model that attends per sequence packs a
+    micro-batch into one row (see :func:`dspref.logps.bin_tokens`)."""
+    return bool(cfg.padding_free) and cfg.padding_free_bin_size is None
 
 
 def _check_model(cfg: TrainConfig) -> None:

@@ -46,12 +46,13 @@ class SequenceScorer(nn.Module):
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024, *, router_aux: bool = False,
-                 pack_tokens: Optional[int] = None):
+                 pack_tokens: Optional[int] = None, one_row: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.router_aux = router_aux
         self.pack_tokens = pack_tokens  # padding-free: bin size in tokens (see pack_rows); None = padded rows
+        self.one_row = one_row  # padding-free: one row per micro-batch where attention is per sequence
 
     def forward(self, input_ids, attention_mask, completion_mask, position_ids=None, aux_row_mask=None,
                 router_aux=None):
@@ -61,12 +62,12 @@ class SequenceScorer(nn.Module):
             self.model, input_ids, attention_mask, completion_mask,
             chunk_size=self.chunk_size, position_ids=position_ids,
             router_aux=self.router_aux if router_aux is None else router_aux, aux_row_mask=aux_row_mask,
-            pack_tokens=self.pack_tokens,
+            pack_tokens=self.pack_tokens, one_row=self.one_row,
         )
 
 
 def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_size=1024, position_ids=None,
-                    router_aux=False, aux_row_mask=None, pack_tokens=None):
+                    router_aux=False, aux_row_mask=None, pack_tokens=None, one_row=False):
     """Per-sequence summed completion log-probs of ``model`` without full logits (see module doc).
 
     With ``router_aux`` and an MoE model (see :func:`moe_aux_spec`) the backbone also returns its
@@ -77,7 +78,7 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
     tokens (:func:`pack_rows`) and the backbone runs on the bins, with ``position_ids`` restarting at
     each sequence and no attention mask, so that transformers attends within each sequence only
     (block-diagonal causal mask for sdpa/eager; variable-length kernels for flash-attention). The
-    result is indexed by the original rows, as without packing.
+    result is indexed by the original rows, as without packing. ``one_row``: see :func:`bin_tokens`.
     """
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     spec = moe_aux_spec(model) if router_aux else None
@@ -90,7 +91,7 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
         # row's prompt tokens, so it keeps one copy per row.
         share = spec is None and _attention_of(model) == "dspref_sdpa"
         groups = shared_prompts(input_ids, attention_mask, completion_mask) if share else None
-        packed = pack_rows(attention_mask, pack_tokens, groups or None)
+        packed = pack_rows(attention_mask, bin_tokens(model, pack_tokens, one_row), groups or None)
     if packed is None:
         out = backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra,
@@ -123,6 +124,20 @@ def score_sequences(model, input_ids, attention_mask, completion_mask, *, chunk_
     if spec is not None:
         result["aux_loss"] = spec.loss(out.router_logits, aux_mask, aux_row_mask)
     return result
+
+
+# Attention implementations that attend within each packed sequence (no dense row mask).
+PER_SEQUENCE_ATTENTION = ("dspref_sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def bin_tokens(model, pack_tokens: int, one_row: bool) -> int:
+    """The packed-row capacity for ``model``: bins are bounded (``pack_tokens``) because attention over a
+    row under a dense block-diagonal mask costs the row's length squared. A model that attends per
+    sequence does not pay that, so with ``one_row`` its micro-batch is packed into a single row: no
+    bin is padded up to the fullest one."""
+    if one_row and _attention_of(model) in PER_SEQUENCE_ATTENTION:
+        return 1 << 62
+    return pack_tokens
 
 
 def _attention_of(model) -> Optional[str]:
@@ -447,11 +462,13 @@ class RewardScorer(nn.Module):
     ``score`` on top of its base model (the Llama/Qwen/Mistral/Gemma family layout).
     """
 
-    def __init__(self, model: nn.Module, *, router_aux: bool = False, pack_tokens: Optional[int] = None):
+    def __init__(self, model: nn.Module, *, router_aux: bool = False, pack_tokens: Optional[int] = None,
+                 one_row: bool = False):
         super().__init__()
         self.model = model
         self.router_aux = router_aux
         self.pack_tokens = pack_tokens
+        self.one_row = one_row
         if pack_tokens:
             classifier_parts(model)  # refuse a layout packing cannot serve before any training
 
@@ -488,7 +505,7 @@ class RewardScorer(nn.Module):
         base, head, pad_id = classifier_parts(self.model)
         share = spec is None and _attention_of(self.model) == "dspref_sdpa"
         groups = paired_prefixes(input_ids, attention_mask) if share else None
-        packed = pack_rows(attention_mask, self.pack_tokens, groups or None)
+        packed = pack_rows(attention_mask, bin_tokens(self.model, self.pack_tokens, self.one_row), groups or None)
         extra = {"output_router_logits": True} if spec is not None else {}
         out = base(input_ids=packed.gather(input_ids), attention_mask=None, position_ids=packed.position_ids,
                    use_cache=False, dspref_packed=packed.segments or True, **extra)
@@ -540,16 +557,16 @@ def classifier_parts(model: nn.Module):
 
 
 def make_scorer(model: nn.Module, kind: str, chunk_size: int, *, router_aux: bool = False,
-                pack_tokens: Optional[int] = None) -> nn.Module:
+                pack_tokens: Optional[int] = None, one_row: bool = False) -> nn.Module:
     """The scoring module an engine wraps: completion log-probs (causal LM) or rewards (classifier).
 
     ``router_aux`` (the policy's, never a reference's): also return the MoE router aux loss.
     ``pack_tokens``: padding-free bins of at most that many tokens (None: padded rows).
     """
     if kind == "causal-lm":
-        return SequenceScorer(model, chunk_size, router_aux=router_aux, pack_tokens=pack_tokens)
+        return SequenceScorer(model, chunk_size, router_aux=router_aux, pack_tokens=pack_tokens, one_row=one_row)
     if kind == "sequence-classification":
-        return RewardScorer(model, router_aux=router_aux, pack_tokens=pack_tokens)
+        return RewardScorer(model, router_aux=router_aux, pack_tokens=pack_tokens, one_row=one_row)
     raise ValueError(f"unknown model kind {kind!r}")
 
 

@@ -102,7 +102,7 @@ class AdapterReference:
 def build_reference(cfg, *, policy_engine, policy_ds: dict, ref_ds_user: dict | None):
     """The live reference the options select (precompute runs one of these for its pass)."""
     from dspref import engine as eng
-    from dspref.config import pack_tokens
+    from dspref.config import pack_one_row, pack_tokens
     from dspref.dsconfig import reference_ds_config
     from dspref.logps import SequenceScorer
 
@@ -115,7 +115,7 @@ def build_reference(cfg, *, policy_engine, policy_ds: dict, ref_ds_user: dict | 
             from dspref.attention import use_packed_attention
 
             use_packed_attention(model)
-        return SequenceScorer(model, cfg.logits_chunk_size, pack_tokens=pack_tokens(cfg))
+        return SequenceScorer(model, cfg.logits_chunk_size, pack_tokens=pack_tokens(cfg), one_row=pack_one_row(cfg))
 
     path = cfg.ref_model or cfg.model_name_or_path
     random_init = cfg.random_init and not cfg.ref_model  # the policy's initial weights: same config, same seed

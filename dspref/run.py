@@ -194,7 +194,7 @@ def build_policy(cfg, objective, model_config, ds_config: dict, pad_id: int):
                            random_init=cfg.random_init, init_kwargs=cfg.model_init_kwargs,
                            trust_remote_code=cfg.trust_remote_code, seed=cfg.seed, pad_token_id=pad_id)
     eng.prepare_model(model, gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
-    from dspref.config import pack_tokens
+    from dspref.config import pack_one_row, pack_tokens
 
     if pack_tokens(cfg):
         from dspref.attention import use_packed_attention
@@ -206,7 +206,8 @@ def build_policy(cfg, objective, model_config, ds_config: dict, pad_id: int):
         model = eng.apply_peft(model, cfg.peft_config, kind=objective.model_kind,
                                adapter_name=cfg.model_adapter_name if has_ref else None, ref_adapter=ref_adapter)
     return make_scorer(model, objective.model_kind, cfg.logits_chunk_size,
-                       router_aux=objective.router_aux_loss_coef > 0, pack_tokens=pack_tokens(cfg))
+                       router_aux=objective.router_aux_loss_coef > 0, pack_tokens=pack_tokens(cfg),
+                       one_row=pack_one_row(cfg))
 
 
 def _prepare_output_dir(cfg) -> tuple[str | None, list[str]]:

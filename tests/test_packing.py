@@ -365,6 +365,43 @@ def test_bin_size_option():
         parse_args(common + ["--padding_free", "true", "--padding_free_bin_size", "0"])
 
 
+def test_one_row_per_micro_batch_where_attention_is_per_sequence(monkeypatch):
+    """No bin size given: dspref_sdpa packs a micro-batch into one row (no padded tails), with the same
+    log-probs; eager attention (a dense row mask) keeps bins of max_length; a given size is kept."""
+    from dspref import logps as L
+    from dspref.attention import use_packed_attention
+    from dspref.config import pack_one_row, parse_args
+
+    common = ["--method", "cpo", "--model_name_or_path", "x", "--train_file", "x", "--output_dir", "x"]
+    assert pack_one_row(parse_args(common + ["--padding_free", "true"])[0]) is True
+    assert pack_one_row(parse_args(common + ["--padding_free", "true", "--padding_free_bin_size", "96"])[0]) is False
+    assert pack_one_row(parse_args(common)[0]) is False
+
+    widths = []
+    pack = L.pack_rows
+    monkeypatch.setattr(L, "pack_rows", lambda *a, **k: widths.append(pack(*a, **k).position_ids.shape) or pack(*a, **k))
+    ids, attention, completion = _batch([40, 12, 25, 7, 33, 18], [10, 3, 8, 2, 20, 5])
+    per_sequence, eager = _causal(_qwen2("sdpa")), _causal(_qwen2("eager"))
+    assert use_packed_attention(per_sequence)
+    padded = score_sequences(eager, ids, attention, completion)["logps"]
+    one = score_sequences(per_sequence, ids, attention, completion, pack_tokens=40, one_row=True)["logps"]
+    bounded = score_sequences(eager, ids, attention, completion, pack_tokens=40, one_row=True)["logps"]
+    given = score_sequences(per_sequence, ids, attention, completion, pack_tokens=40, one_row=False)["logps"]
+    assert widths[0] == (1, 135)  # every real token in one row, no tail
+    assert widths[1][0] > 1 and widths[1][1] == 40 and widths[2] == widths[1]
+    for out in (one, bounded, given):
+        torch.testing.assert_close(out, padded, atol=1e-5, rtol=1e-6)  # sdpa vs eager rounding at |logp| ~170
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_config(_qwen2(num_labels=1)).eval()
+    padded_rewards = RewardScorer(classifier)(ids, attention)["rewards"]
+    assert use_packed_attention(classifier)
+    one_rewards = RewardScorer(classifier, pack_tokens=40, one_row=True)(ids, attention)["rewards"]
+    assert widths[-1][0] == 1  # one row (a pair sharing a leading token packs it once)
+    torch.testing.assert_close(one_rewards, padded_rewards, atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------- batching order and counts
 def test_group_by_length_same_rows_sorted_within_groups():
     from dspref.loop import MEGA_BATCH, train_order
