@@ -29,7 +29,8 @@ script computes every figure from them):
   gradient checkpointing is not model FLOPs. Peak: --peak-flops (default 989e12, H100 dense bf16).
 
 Time spent before the first step (loading, tokenizing, dspref's reference precompute) is outside the
-measured window; it is reported as ``seconds_to_first_step``. Writes benchmarks/results/run_<shape>.json/.md.
+measured window; it is reported as ``seconds_to_first_step``. Writes benchmarks/results/run_<shape>.json/.md
+(``run_<shape>_L<max_length>`` at a --max-length other than 512: the data lengths scale with it).
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ SHAPES = {
     "qwen2.5-3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
                        intermediate_size=11008, vocab_size=151936),
 }
-# Token lengths (inclusive): prompts, completions. 256 + 254 + EOS fits max_length 512 on both sides.
+# Token lengths (inclusive) at max_length 512: prompts, completions. 256 + 254 + EOS fits on both sides.
+# Other max_length values scale every bound (see data_lengths): the scaling runs keep the same shape.
 DATA_SHAPES = {"fixed": ((240, 256), (240, 254)), "variable": ((16, 256), (8, 254))}
+BASE_LENGTH = 512
 SPECIALS = ("<unk>", "<|endoftext|>", "<|pad|>")  # the last ids of the vocabulary: unk, eos, pad
 
 # The dspref settings a user asking for speed would use, per method (what both sides share: dspref_command).
@@ -140,10 +143,25 @@ def flop_params(shape: str, kind: str) -> int:
 
 
 # --------------------------------------------------------------------------- data
-def synthetic_rows(method: str, n: int, data_shape: str, vocab_words: int, seed: int = 0) -> list[dict]:
+def data_lengths(data_shape: str, max_length: int = BASE_LENGTH) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((prompt lo, hi), (completion lo, hi)) in tokens: :data:`DATA_SHAPES` scaled by max_length / 512.
+
+    Prompts stay within max_length // 2 (the max_prompt_length both sides get) and prompt + completion
+    + EOS within max_length, so nothing is truncated at any max_length."""
+    (p_lo, p_hi), (c_lo, c_hi) = DATA_SHAPES[data_shape]
+    if max_length == BASE_LENGTH:
+        return (p_lo, p_hi), (c_lo, c_hi)
+    scale = max_length / BASE_LENGTH
+    p_hi = min(round(p_hi * scale), max_length // 2)
+    c_hi = min(round(c_hi * scale), max_length - p_hi - 2)
+    return (min(max(1, round(p_lo * scale)), p_hi), p_hi), (min(max(1, round(c_lo * scale)), c_hi), c_hi)
+
+
+def synthetic_rows(method: str, n: int, data_shape: str, vocab_words: int, seed: int = 0,
+                   max_length: int = BASE_LENGTH) -> list[dict]:
     """``n`` seeded rows of random words: paired (prompt/chosen/rejected) or unpaired (prompt/completion/label)."""
     rng = random.Random(seed)
-    (p_lo, p_hi), (c_lo, c_hi) = DATA_SHAPES[data_shape]
+    (p_lo, p_hi), (c_lo, c_hi) = data_lengths(data_shape, max_length)
 
     def text(lo, hi, lead=""):
         return lead + " ".join(f"w{rng.randrange(vocab_words)}" for _ in range(rng.randint(lo, hi)))
@@ -190,6 +208,11 @@ def model_flops(n_params: int, layers: int, attn_width: int, s: dict, *, referen
     attention = 2 * layers * attn_width  # per T² of one causal forward: QKᵀ and AV, halved by the mask
     return (6 * n_params * s["trained_tokens"] + 3 * attention * s["trained_sq"]
             + 2 * n_params * tokens + attention * sq)
+
+
+def length_suffix(max_length: int) -> str:
+    """Result and run names: none at max_length 512, ``_L<max_length>`` otherwise (the scaling runs)."""
+    return "" if max_length == BASE_LENGTH else f"_L{max_length}"
 
 
 def ratio(a, b):
@@ -398,8 +421,9 @@ def main(argv=None) -> int:
         model, tokenizer = build_model(a.model_shape, kind, work / "models", seed=a.seed)
         for data_shape in a.data_shapes:
             vocab_words = SHAPES[a.model_shape]["vocab_size"] - len(SPECIALS)
-            rows = synthetic_rows(method, a.micro_batch * (a.warmup + a.steps), data_shape, vocab_words, a.seed)
-            run = work / f"{a.model_shape}-{method}-{data_shape}"
+            rows = synthetic_rows(method, a.micro_batch * (a.warmup + a.steps), data_shape, vocab_words, a.seed,
+                                  a.max_length)
+            run = work / f"{a.model_shape}-{method}-{data_shape}{length_suffix(a.max_length)}"
             data = write_rows(run / "train.jsonl", rows)  # exactly one epoch: both sides train on the same rows
             entry = {"method": method, "data_shape": data_shape, "rows": len(rows),
                      "dspref_flags": METHOD_FLAGS.get(method, []) + SPEED_FLAGS[method] + shlex.split(a.dspref_args)}
@@ -427,7 +451,7 @@ def main(argv=None) -> int:
              f"fp32, micro-batch {a.micro_batch}, max_length {a.max_length}, gradient checkpointing, "
              f"{a.steps} measured steps after {a.warmup} warm-up. Ratios are dspref / TRL.\n\n"
              f"`python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
-    write_results(f"run_{a.model_shape}", title=title, table=table(results),
+    write_results(f"run_{a.model_shape}{length_suffix(a.max_length)}", title=title, table=table(results),
                   payload={"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                            "versions": versions(a, venvs), "results": results})
     return 0 if all("error" not in (r.get("dspref") or {}) for r in results) else 1

@@ -34,19 +34,27 @@ def test_tokenizer_vocabulary_is_the_models_and_one_word_is_one_token():
         assert len(tokenizer(" " + words)["input_ids"]) == k  # a completion's leading space adds nothing
 
 
+@pytest.mark.parametrize("max_length", [512, 256, 1024, 4096])
 @pytest.mark.parametrize("data_shape", sorted(run.DATA_SHAPES))
 @pytest.mark.parametrize("method", run.METHODS)
-def test_synthetic_lengths_within_the_stated_ranges(method, data_shape):
-    (p_lo, p_hi), (c_lo, c_hi) = run.DATA_SHAPES[data_shape]
-    rows = run.synthetic_rows(method, 200, data_shape, vocab_words=1000, seed=3)
-    assert rows == run.synthetic_rows(method, 200, data_shape, vocab_words=1000, seed=3)  # seeded
+def test_synthetic_lengths_within_the_stated_ranges(method, data_shape, max_length):
+    (p_lo, p_hi), (c_lo, c_hi) = run.data_lengths(data_shape, max_length)
+    if max_length == 512:
+        assert ((p_lo, p_hi), (c_lo, c_hi)) == run.DATA_SHAPES[data_shape]
+    else:  # the same shape, every bound scaled (within a token of rounding)
+        scale = max_length / 512
+        for got, base in zip((p_lo, p_hi, c_lo, c_hi), (x for pair in run.DATA_SHAPES[data_shape] for x in pair)):
+            assert abs(got - base * scale) <= 2
+    rows = run.synthetic_rows(method, 200, data_shape, vocab_words=1000, seed=3, max_length=max_length)
+    assert rows == run.synthetic_rows(method, 200, data_shape, vocab_words=1000, seed=3, max_length=max_length)
     completions = ("chosen", "rejected") if method in run.PAIRED else ("completion",)
     assert set(rows[0]) == {"prompt", *completions} | (set() if method in run.PAIRED else {"label"})
     prompt_lengths = [len(r["prompt"].split()) for r in rows]
     completion_lengths = [len(r[c].split()) for r in rows for c in completions]
     assert p_lo <= min(prompt_lengths) and max(prompt_lengths) <= p_hi
     assert c_lo <= min(completion_lengths) and max(completion_lengths) <= c_hi
-    assert p_hi + c_hi + 1 <= 512  # with EOS, every sequence fits max_length 512 untruncated
+    assert p_hi <= max_length // 2  # the max_prompt_length dspref gets
+    assert p_hi + c_hi + 1 <= max_length  # with EOS, every sequence fits max_length untruncated
     if method not in run.PAIRED:
         assert sum(r["label"] for r in rows) == 100  # balanced classes
 
