@@ -4,7 +4,7 @@
         --ds-config DS.json --records RECORDS.jsonl --output-dir DIR [--micro-batch 4 ...]
 
 Runs in a TRL venv (benchmarks/setup_bench.sh), never imports dspref. TRL's defaults except what the
-benchmark fixes for both sides (batch size, max_length, steps, gradient checkpointing, fp32, lr,
+benchmark fixes for both sides (batch size, max_length, steps, gradient checkpointing, fp32 or bf16, lr,
 no eval, no saving). Its data collator is wrapped to count each micro-batch's trained and no-grad
 tokens (:func:`batch_lengths`); a TrainerCallback closes each step at ``on_step_end``.
 """
@@ -67,6 +67,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--learning-rate", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bf16 instead of fp32 (as dspref's --bf16 true)")
     a = p.parse_args()
     recorder = StepRecorder(a.records)
 
@@ -76,7 +77,7 @@ def main() -> int:
 
     Config, Trainer, kind = trainer_classes(a.method)
     fixed = dict(output_dir=a.output_dir, per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=1,
-                 max_steps=a.steps, max_length=a.max_length, gradient_checkpointing=True, bf16=False, fp16=False,
+                 max_steps=a.steps, max_length=a.max_length, gradient_checkpointing=True, bf16=a.bf16, fp16=False,
                  learning_rate=a.learning_rate, lr_scheduler_type="linear", warmup_steps=0, seed=a.seed,
                  logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
                  dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), deepspeed=a.ds_config)

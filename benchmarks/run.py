@@ -9,7 +9,7 @@ classifier with one label for reward), a WordLevel tokenizer whose vocabulary is
 model's (``w0``..``wN`` and special tokens, so k synthetic words are k tokens), seeded synthetic
 rows, then one training process per side: dspref (``benchmarks/child_dspref.py``) and, with
 ``--compare trl``, TRL's trainer for the method (``benchmarks/child_trl.py`` in the venvs made by
-``benchmarks/setup_bench.sh``). Both: one process, ZeRO-3 from the same DeepSpeed JSON, fp32,
+``benchmarks/setup_bench.sh``). Both: one process, ZeRO-3 from the same DeepSpeed JSON, fp32 (bf16 with --bf16),
 micro-batch 4, no gradient accumulation, gradient checkpointing, max_length 512, no eval, no saving.
 
 Same definitions on both sides (each child writes per-step records, see step_records.py; this
@@ -307,7 +307,7 @@ def dspref_command(a, method: str, model: Path, tokenizer: Path, data: Path, out
             "--train_file", str(data),
             "--ds_config", str(a.ds_config), "--output_dir", str(out), "--overwrite_output_dir", "true",
             "--per_device_train_batch_size", str(a.micro_batch), "--gradient_accumulation_steps", "1",
-            "--gradient_checkpointing", "true", "--bf16", "false", "--fp16", "false",
+            "--gradient_checkpointing", "true", "--bf16", str(a.bf16).lower(), "--fp16", "false",
             "--max_length", str(a.max_length), "--max_steps", str(a.warmup + a.steps), "--learning_rate", "1e-6",
             "--lr_scheduler_type", "linear", "--warmup_steps", "0", "--seed", str(a.seed), "--logging_steps", "1",
             "--eval_on_start", "false", "--save_steps", "1000000000", "--report_to", "none"]
@@ -323,7 +323,8 @@ def trl_command(a, method: str, model: Path, tokenizer: Path, data: Path, out: P
             "--model", str(model), "--tokenizer", str(tokenizer), "--data", str(data),
             "--ds-config", str(trl_ds_config(a.ds_config, out)),
             "--records", str(records), "--output-dir", str(out), "--micro-batch", str(a.micro_batch),
-            "--max-length", str(a.max_length), "--steps", str(a.warmup + a.steps), "--seed", str(a.seed)]
+            "--max-length", str(a.max_length), "--steps", str(a.warmup + a.steps), "--seed", str(a.seed),
+            *(["--bf16"] if a.bf16 else [])]
 
 
 def trl_ds_config(path: Path, out: Path) -> Path:
@@ -391,6 +392,7 @@ def parse(argv=None):
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="train in bf16 on both sides (GPU runs); default fp32")
     p.add_argument("--compare", choices=["trl"], default=None)
     p.add_argument("--dspref-args", default="", help='extra dspref flags, e.g. "--logits_chunk_size 512"')
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs/bench", help="models, data, outputs, logs")
@@ -448,7 +450,7 @@ def main(argv=None) -> int:
                                                                     "peak_rss_gib", "error")}
                               for side in ("dspref", "trl") if side in entry}), flush=True)
     title = (f"dspref vs TRL on {a.model_shape} (random-init Qwen2), ZeRO-3 from {a.ds_config.name}, one process, "
-             f"fp32, micro-batch {a.micro_batch}, max_length {a.max_length}, gradient checkpointing, "
+             f"{'bf16' if a.bf16 else 'fp32'}, micro-batch {a.micro_batch}, max_length {a.max_length}, gradient checkpointing, "
              f"{a.steps} measured steps after {a.warmup} warm-up. Ratios are dspref / TRL.\n\n"
              f"`python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
     write_results(f"run_{a.model_shape}{length_suffix(a.max_length)}", title=title, table=table(results),

@@ -132,3 +132,14 @@ def test_compare_trl_without_trl_names_the_setup_script(tmp_path, capsys):
                       "--work-dir", str(tmp_path / "work")])
         assert "bash benchmarks/setup_bench.sh" in str(e.value.code)
     assert not (tmp_path / "work").exists()  # refused before building anything
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_both_sides_train_in_the_same_precision(tmp_path, bf16):
+    a = run.parse(["--method", "cpo"] + (["--bf16"] if bf16 else []))
+    paths = [tmp_path / n for n in ("model", "tok", "data.jsonl", "out", "records.jsonl")]
+    dspref = run.dspref_command(a, "cpo", *paths)
+    assert dspref[dspref.index("--bf16") + 1] == ("true" if bf16 else "false")
+    assert dspref[dspref.index("--fp16") + 1] == "false"
+    trl = run.trl_command(a, "cpo", *paths, {"default": tmp_path / "venv"})
+    assert ("--bf16" in trl) is bf16  # child_trl.py: TRL's bf16=True, else fp32
