@@ -37,9 +37,9 @@ def launch_train(args: list[str], *, out: Path, nprocs: int, cache: Path, port: 
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()], ""
 
 
-def write_results(name: str, *, title: str, table: str, payload: dict) -> None:
-    """Print the Markdown table; write it (under ``title``) and the raw JSON to benchmarks/results/."""
+def write_results(name: str, *, title: str, table: str, payload: dict, folder: Path = RESULTS) -> None:
+    """Print the Markdown table; write it (under ``title``) and the raw JSON to ``folder`` (benchmarks/results/)."""
     print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / f"{name}.md").write_text(f"{title}\n\n{table}\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (folder / f"{name}.md").write_text(f"{title}\n\n{table}\n")

@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_results  # noqa: E402
+from common import RESULTS, ROOT, write_results  # noqa: E402
 
 METHODS = ("bco", "cpo", "kto", "reward")
 PAIRED = ("cpo", "reward")  # prompt/chosen/rejected rows; the others: prompt/completion/label
@@ -396,6 +396,7 @@ def parse(argv=None):
     p.add_argument("--compare", choices=["trl"], default=None)
     p.add_argument("--dspref-args", default="", help='extra dspref flags, e.g. "--logits_chunk_size 512"')
     p.add_argument("--work-dir", type=Path, default=ROOT / "runs/bench", help="models, data, outputs, logs")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the result table and JSON go")
     p.add_argument("--bench-venv", type=Path, default=ROOT / ".venv-bench", help="TRL 1.16.0 venv")
     p.add_argument("--bco-venv", type=Path, default=ROOT / ".venv-trl113", help="TRL 1.13.0 venv (BCO)")
     p.add_argument("--peak-flops", type=float, default=989e12, help="accelerator peak FLOP/s for MFU")
@@ -455,7 +456,7 @@ def main(argv=None) -> int:
              f"`python benchmarks/run.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
     write_results(f"run_{a.model_shape}{length_suffix(a.max_length)}", title=title, table=table(results),
                   payload={"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-                           "versions": versions(a, venvs), "results": results})
+                           "versions": versions(a, venvs), "results": results}, folder=a.results_dir)
     return 0 if all("error" not in (r.get("dspref") or {}) for r in results) else 1
 
 
