@@ -14,5 +14,4 @@ bash "$SHARED" base
 dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d "$@"; }
 dl .whl trl==1.16.0
 mkdir -p .whl/trl113 && rm -f .whl/trl113/*.whl && dl .whl/trl113 trl==1.13.0
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || true  # .whl/ is in .gitignore
-du -sh .whl
+du -sh .whl  # .whl/ is in .gitignore
