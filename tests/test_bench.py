@@ -143,3 +143,16 @@ def test_both_sides_train_in_the_same_precision(tmp_path, bf16):
     assert dspref[dspref.index("--fp16") + 1] == "false"
     trl = run.trl_command(a, "cpo", *paths, {"default": tmp_path / "venv"})
     assert ("--bf16" in trl) is bf16  # child_trl.py: TRL's bf16=True, else fp32
+
+
+def test_work_ratio_counts_padding_and_shared_prompts_by_hand():
+    work = _load("work_ratio")
+    # a pair (prompt 3, chosen 2, rejected 4): TRL pads both rows to 7; dspref runs 3 + 2 + 4 tokens,
+    # squares 3² + 2·(2·3 + 2) + 4·(2·3 + 4)
+    assert work.batch_work([(3, 2, 4)], paired=True) == ((14, 98), (9, 65))
+    # unpaired rows of 5 and 2 tokens: TRL pads to 5
+    assert work.batch_work([(2, 3), (1, 1)], paired=False) == ((10, 50), (7, 29))
+    assert work.step_flops(10, 5, 2, 3, tokens=4, squares=6) == 8 * 15 * 4 + 4 * 2 * 2 * 3 * 6
+    # fixed lengths leave almost nothing to pad: unpaired rows cost the same on both sides
+    assert work.work_ratio("kto", "fixed") == pytest.approx(1.0, abs=0.03)
+    assert work.work_ratio("cpo", "variable") > work.work_ratio("cpo", "fixed") > 1.2  # the prompt once, no padding
