@@ -80,6 +80,30 @@ def test_tensorboard_on_resume_drops_the_steps_past_the_checkpoint(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
+def test_a_restarted_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    """A requeued or resumed job logs into the W&B run it started (the id kept in output_dir), offline here."""
+    from dspref.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def attempt(start_step, steps):
+        tracker = Tracker(str(tmp_path), report_to=["wandb"], config={"beta": 0.1}, run_name="r", project="p",
+                          console=lambda line: None, start_step=start_step)
+        run_id = tracker.wandb.id
+        for step in steps:
+            tracker.log({"step": step, "loss": float(step)})
+        tracker.close()
+        return run_id
+
+    first = attempt(0, [1, 2])
+    assert (tmp_path / "wandb_run_id").read_text().strip() == first
+    assert attempt(2, [3, 4]) == first
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    # two attempts, one W&B run id (W&B names a folder offline-run-<time>-<id>, "-1" added within the same second)
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-[\d_]+-{first}(-\d+)?", r.name) for r in runs), runs
+
+
 @slow
 def test_tensorboard_event_file_holds_the_logged_scalars(cpo_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
