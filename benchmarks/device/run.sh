@@ -14,10 +14,16 @@
 #   scale   KTO, Qwen2-0.5B shape, max_length 256, 1024, 4096
 #   smoke   CPO and BCO on the tiny shape, fp32, one measured step: checks this script on any machine
 #
+# Arguments after the stage go to benchmarks/run.py and win over the stage's own, e.g. split a stage
+# that would not fit one call: `run.sh large --method cpo`, then `run.sh large --method kto`.
+#
 # DSPREF_DEVICE_NO_INSTALL=1 skips the wheel install (a machine where everything is importable).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-STAGE=${1:?usage: run.sh tests|small|large|rest|scale|smoke}
+STAGE=${1:?usage: run.sh tests|small|large|rest|scale|smoke [run.py args]}
+shift
+EXTRA=("$@")
+case "$STAGE" in tests|small|large|rest|scale|smoke) ;; *) echo "run.sh: unknown stage $STAGE (tests|small|large|rest|scale|smoke)" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/dspref-device-out}
 LOGS=/tmp/dspref-device-logs
 mkdir -p "$OUT" "$LOGS"
@@ -58,7 +64,7 @@ bench() {  # bench NAME run.py-args...
   set +e
   "$PY" benchmarks/run.py "${GPU_ARGS[@]}" --ds_config ds_configs/zero3.json \
     --max-length 512 --data-shape fixed --steps 6 --warmup 2 --compare trl --bench-venv "$TRL" --bco-venv "$TRL113" \
-    --work-dir /tmp/dspref-bench --results-dir "$LOGS/results" --timeout 400 "$@" 2>&1 | tee "$LOGS/$name.log" \
+    --work-dir /tmp/dspref-bench --results-dir "$LOGS/results" --timeout 400 "$@" "${EXTRA[@]}" 2>&1 | tee "$LOGS/$name.log" \
     | grep -E '^\{|^\|'
   set -e
   find "$LOGS/results" -name 'run_*' -newer "$START" -exec cp {} "$OUT/" \;
@@ -75,6 +81,5 @@ case "$STAGE" in
   rest)  bench rest --method bco,reward ;;
   scale) for L in 256 1024 4096; do bench "scale$L" --method kto --max-length "$L" --data-shape variable --steps 4; done ;;
   smoke) bench smoke --method cpo,bco --steps 1 --warmup 1 ;;
-  *) echo "run.sh: unknown stage $STAGE (tests|small|large|rest|scale|smoke)" >&2; exit 2 ;;
 esac
 echo "run.sh $STAGE: done; results in $OUT"
