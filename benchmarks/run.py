@@ -149,9 +149,7 @@ def data_lengths(data_shape: str, max_length: int = BASE_LENGTH) -> tuple[tuple[
     Prompts stay within max_length // 2 (the max_prompt_length both sides get) and prompt + completion
     + EOS within max_length, so nothing is truncated at any max_length."""
     (p_lo, p_hi), (c_lo, c_hi) = DATA_SHAPES[data_shape]
-    if max_length == BASE_LENGTH:
-        return (p_lo, p_hi), (c_lo, c_hi)
-    scale = max_length / BASE_LENGTH
+    scale = max_length / BASE_LENGTH  # 1 at 512: DATA_SHAPES unchanged
     p_hi = min(round(p_hi * scale), max_length // 2)
     c_hi = min(round(c_hi * scale), max_length - p_hi - 2)
     return (min(max(1, round(p_lo * scale)), p_hi), p_hi), (min(max(1, round(c_lo * scale)), c_hi), c_hi)
